@@ -1,0 +1,274 @@
+"""Model configurations as `ml_collections.ConfigDict` presets, with validation and HF mapping.
+
+Presets reproduce the released configs (../shared/LONGCAT_SPEC.md section 4). Every architectural
+feature is a config switch, never a model-name branch: `zero_experts=0` turns zero-computation
+experts off, `ngram_embedding=None` turns n-gram embeddings off, `rope_scaling=None` plain RoPE.
+
+    cfg = longcat_jax.config.get_config("tiny")
+    cfg.num_layers = 4
+    model = longcat_jax.LongcatForCausalLM(cfg)      # validates
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+KERNEL_CHOICES = ("auto", "pallas", "interpret", "xla")
+REMAT_CHOICES = ("none", "full", "save_dots", "save_moe")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ConfigDict:
+  """Every field the model reads, with LongCat-Flash's values where they are fixed by design."""
+  c = ConfigDict()
+  c.name = "base"
+  # Trunk.
+  c.vocab_size = 131072
+  c.hidden_size = 6144
+  c.num_layers = 28                 # ScMoE layers; each has 2 attention blocks.
+  c.rms_norm_eps = 1e-5
+  c.latent_norm_eps = 1e-6          # q_a / kv_a latent norms in the reference code.
+  c.initializer_range = 0.02
+  c.tie_word_embeddings = False
+  c.bos_token_id = 1
+  c.eos_token_id = 2
+  c.pad_token_id = 0
+  c.max_position_embeddings = 131072
+  # MLA (spec section 2).
+  c.num_heads = 64
+  c.q_lora_rank = 1536
+  c.kv_lora_rank = 512
+  c.qk_nope_head_dim = 128
+  c.qk_rope_head_dim = 64
+  c.v_head_dim = 128
+  c.mla_scale_q_lora = True
+  c.mla_scale_kv_lora = True
+  c.rope_theta = 1e7
+  c.rope_scaling = None             # e.g. dict(type="yarn", factor=10, original_max_position_embeddings=32768, ...)
+  # Dense MLPs.
+  c.ffn_size = 12288
+  # MoE (spec section 3).
+  c.num_ffn_experts = 512
+  c.zero_experts = 256
+  c.top_k = 12
+  c.expert_ffn_size = 2048
+  c.routed_scaling_factor = 6.0
+  c.target_ffn_experts = 8.0        # K_e: compute-budget controller target (FFN experts per token).
+  c.moe_block_size = 64             # row block of the XLA grouped matmul (dropless; padding only).
+  # Optional features (issue-specific modules read these; None/0 = off).
+  c.ngram_embedding = None
+  c.sparse_attention = None
+  c.mtp_num_heads = 0
+  # Numerics and execution.
+  c.dtype = "float32"               # activation / compute dtype.
+  c.param_dtype = "float32"         # master weights.
+  c.kernels = "auto"                # auto | pallas | interpret | xla (pallas_kernels registry).
+  c.remat = "none"                  # none | full | save_dots | save_moe.
+  c.attention_block_q = 512         # flash-attention block sizes (Pallas / chunked paths).
+  c.attention_block_k = 512
+  return c
+
+
+def tiny() -> ConfigDict:
+  """Unit-test size: compiles in seconds on one CPU core."""
+  c = base_config()
+  c.name = "tiny"
+  c.update(vocab_size=320, hidden_size=64, num_layers=2, num_heads=4, q_lora_rank=32, kv_lora_rank=16,
+           qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, ffn_size=128, num_ffn_experts=8,
+           zero_experts=4, top_k=3, expert_ffn_size=32, target_ffn_experts=2.0, moe_block_size=16,
+           max_position_embeddings=4096, attention_block_q=64, attention_block_k=64)
+  return c
+
+
+def small() -> ConfigDict:
+  """~100M total parameters, trains on a laptop CPU (hidden 512, 4 ScMoE layers, 32 + 16 experts)."""
+  c = base_config()
+  c.name = "small"
+  c.update(vocab_size=32768, hidden_size=512, num_layers=4, num_heads=8, q_lora_rank=256,
+           kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, ffn_size=1024,
+           num_ffn_experts=32, zero_experts=16, top_k=6, expert_ffn_size=256,
+           target_ffn_experts=4.0, max_position_embeddings=8192)
+  return c
+
+
+def flash() -> ConfigDict:
+  """LongCat-Flash (560B total, 18.6B-31.3B activated), the released config.json [cfg]."""
+  c = base_config()
+  c.name = "flash"
+  return c
+
+
+PRESETS = {"tiny": tiny, "small": small, "flash": flash}
+
+
+def register_preset(name: str, fn) -> None:
+  """Adds a preset (used by the LongCat-2.0 / Lite modules)."""
+  PRESETS[name] = fn
+
+
+def get_config(name: str = "tiny", **overrides: Any) -> ConfigDict:
+  """Returns a fresh preset by name, with field overrides applied."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown config preset {name!r}; known presets: {sorted(PRESETS)}")
+  c = PRESETS[name]()
+  for k, v in overrides.items():
+    if k not in c:
+      raise ValueError(f"config preset {name!r} has no field {k!r}")
+    c[k] = v
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived quantities and validation.
+
+
+def qk_head_dim(c: ConfigDict) -> int:
+  return c.qk_nope_head_dim + c.qk_rope_head_dim
+
+
+def num_experts_total(c: ConfigDict) -> int:
+  """Router classes: FFN experts first, then the zero (identity) experts."""
+  return c.num_ffn_experts + c.zero_experts
+
+
+def validate(c: ConfigDict) -> None:
+  """Raises ValueError naming the field and the constraint it breaks."""
+
+  def need(cond: bool, msg: str):
+    if not cond:
+      raise ValueError(f"invalid config {c.get('name', '?')!r}: {msg}")
+
+  for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "q_lora_rank", "kv_lora_rank",
+            "qk_nope_head_dim", "v_head_dim", "ffn_size", "top_k", "moe_block_size"):
+    need(isinstance(c[f], int) and c[f] > 0, f"{f}={c[f]!r} must be a positive integer")
+  need(c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2 == 0,
+       f"qk_rope_head_dim={c.qk_rope_head_dim} must be positive and even (RoPE rotates pairs)")
+  need(c.num_ffn_experts >= 0 and c.zero_experts >= 0,
+       f"num_ffn_experts={c.num_ffn_experts} and zero_experts={c.zero_experts} must be >= 0")
+  e = num_experts_total(c)
+  need(e > 0, "num_ffn_experts + zero_experts must be > 0")
+  need(c.top_k <= e, f"top_k={c.top_k} exceeds the {e} routable experts "
+       f"(num_ffn_experts={c.num_ffn_experts} + zero_experts={c.zero_experts})")
+  need(c.num_ffn_experts == 0 or c.expert_ffn_size > 0,
+       f"expert_ffn_size={c.expert_ffn_size} must be > 0 when num_ffn_experts > 0")
+  need(0.0 <= c.target_ffn_experts <= c.top_k,
+       f"target_ffn_experts={c.target_ffn_experts} must lie in [0, top_k={c.top_k}]")
+  need(c.rms_norm_eps > 0 and c.latent_norm_eps > 0, "rms_norm_eps and latent_norm_eps must be > 0")
+  need(c.dtype in DTYPES, f"dtype={c.dtype!r} must be one of {DTYPES}")
+  need(c.param_dtype in DTYPES, f"param_dtype={c.param_dtype!r} must be one of {DTYPES}")
+  need(c.kernels in KERNEL_CHOICES, f"kernels={c.kernels!r} must be one of {KERNEL_CHOICES}")
+  need(c.remat in REMAT_CHOICES, f"remat={c.remat!r} must be one of {REMAT_CHOICES}")
+  need(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
+  need(c.mtp_num_heads >= 0, f"mtp_num_heads={c.mtp_num_heads} must be >= 0")
+  if c.rope_scaling is not None:
+    t = c.rope_scaling.get("type", c.rope_scaling.get("rope_type"))
+    need(t in ("yarn",), f"rope_scaling type {t!r} is not supported (only 'yarn')")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face config.json mapping (transformers.LongcatFlashConfig field names).
+
+_HF_FIELDS = {  # ours -> HF
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_layers",
+    "num_heads": "num_attention_heads", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim", "ffn_size": "ffn_hidden_size", "num_ffn_experts": "n_routed_experts",
+    "zero_experts": "zero_expert_num", "top_k": "moe_topk", "expert_ffn_size": "expert_ffn_hidden_size",
+    "routed_scaling_factor": "routed_scaling_factor", "rms_norm_eps": "rms_norm_eps",
+    "max_position_embeddings": "max_position_embeddings", "initializer_range": "initializer_range",
+    "tie_word_embeddings": "tie_word_embeddings", "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+}
+_HF_ALIASES = {"num_local_experts": "n_routed_experts", "num_experts_per_tok": "moe_topk",
+               "intermediate_size": "ffn_hidden_size", "moe_intermediate_size": "expert_ffn_hidden_size"}
+
+
+def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
+  """Builds a ConfigDict from a parsed HF `config.json` (LongCat-Flash or -Lite)."""
+  hf = dict(hf)
+  for alias, name in _HF_ALIASES.items():
+    if alias in hf and name not in hf:
+      hf[name] = hf[alias]
+  c = base_config()
+  c.name = hf.get("_name_or_path") or hf.get("model_type", "hf")
+  for ours, theirs in _HF_FIELDS.items():
+    if theirs in hf and hf[theirs] is not None:
+      v = hf[theirs]
+      if ours == "eos_token_id" and isinstance(v, (list, tuple)):
+        v = v[0]
+      c[ours] = type(c[ours])(v) if c[ours] is not None and not isinstance(c[ours], bool) else v
+  if hf.get("num_layers") is None and hf.get("num_hidden_layers") is not None:
+    c.num_layers = hf["num_hidden_layers"] // 2
+  # zero_expert_num may be null in some releases
+  c.zero_experts = int(hf.get("zero_expert_num") or 0)
+  rope = hf.get("rope_parameters") or {}
+  theta = rope.get("rope_theta", hf.get("rope_theta"))
+  if theta is not None:
+    c.rope_theta = float(theta)
+  scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+  if scaling:
+    s = dict(scaling)
+    s["type"] = s.pop("rope_type", s.get("type"))
+    s.pop("rope_theta", None)
+    c.rope_scaling = s
+  head_dim = hf.get("head_dim")
+  if head_dim is not None and head_dim != c.qk_rope_head_dim:
+    raise ValueError(f"config.json: head_dim={head_dim} differs from qk_rope_head_dim={c.qk_rope_head_dim}; "
+                     "the reference uses head_dim as the RoPE dimension, so they must agree")
+  c.mla_scale_q_lora = bool(hf.get("mla_scale_q_lora", True))
+  c.mla_scale_kv_lora = bool(hf.get("mla_scale_kv_lora", True))
+  if "ngram_vocab_size_ratio" in hf:
+    c.ngram_embedding = dict(vocab_size_ratio=hf["ngram_vocab_size_ratio"],
+                             neighbor_num=hf.get("emb_neighbor_num", 4), split_num=hf.get("emb_split_num", 4))
+  c.mtp_num_heads = int(hf.get("num_nextn_predict_layers", 0) or 0)
+  c.target_ffn_experts = min(c.target_ffn_experts, float(c.top_k))
+  c.moe_block_size = min(c.moe_block_size, 64)
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def to_hf_config(c: ConfigDict) -> dict:
+  """The HF `config.json` dict that `transformers.LongcatFlashForCausalLM` loads."""
+  hf = {"architectures": ["LongcatFlashForCausalLM"], "model_type": "longcat_flash",
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+        "head_dim": c.qk_rope_head_dim, "qk_head_dim": qk_head_dim(c),
+        "num_key_value_heads": c.num_heads, "use_cache": True,
+        "mla_scale_q_lora": bool(c.mla_scale_q_lora), "mla_scale_kv_lora": bool(c.mla_scale_kv_lora)}
+  for ours, theirs in _HF_FIELDS.items():
+    hf[theirs] = c[ours]
+  rope = {"rope_theta": float(c.rope_theta), "rope_type": "default"}
+  if c.rope_scaling is not None:
+    s = dict(c.rope_scaling)
+    rope.update({k: v for k, v in s.items() if k != "type"})
+    rope["rope_type"] = s.get("type", "yarn")
+  hf["rope_parameters"] = rope
+  if c.mtp_num_heads:
+    hf["num_nextn_predict_layers"] = int(c.mtp_num_heads)
+  if c.ngram_embedding is not None:
+    hf["model_type"] = "longcat_flash_ngram"
+    hf["ngram_vocab_size_ratio"] = c.ngram_embedding["vocab_size_ratio"]
+    hf["emb_neighbor_num"] = c.ngram_embedding["neighbor_num"]
+    hf["emb_split_num"] = c.ngram_embedding["split_num"]
+  return hf
+
+
+def dtype_of(name: str):
+  import jax.numpy as jnp
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def softmax_scale(c: ConfigDict) -> float:
+  """qk_head_dim**-0.5, times YaRN's mscale**2 when YaRN is on (spec section 2)."""
+  scale = qk_head_dim(c) ** -0.5
+  s = c.rope_scaling
+  if s is not None and s.get("mscale_all_dim"):
+    factor = float(s["factor"])
+    m = 0.1 * float(s["mscale_all_dim"]) * math.log(factor) + 1.0 if factor > 1 else 1.0
+    scale *= m * m
+  return scale

@@ -1,0 +1,93 @@
+"""Small building blocks: parameters with logical axes, RMSNorm, interleaved RoPE, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longcat_jax.config import ConfigDict, dtype_of
+
+
+def param(module: nn.Module, name: str, shape, axes: tuple[str, ...], init=None, dtype=None):
+  """A parameter annotated with logical axis names (mapped to mesh axes by `parallel.sharding`)."""
+  c = module.config
+  if init is None:
+    init = nn.initializers.normal(c.initializer_range)
+  if len(axes) != len(shape):
+    raise ValueError(f"{module.name}/{name}: {len(axes)} axis names {axes} for shape {shape}")
+  dtype = dtype or dtype_of(c.param_dtype)
+  return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
+
+
+def constrain(x, axes: tuple[str, ...]):
+  """Activation sharding by logical names; a no-op outside a mesh + rules context."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def rms_norm(x, scale, eps: float):
+  """`w * (x_f32 * rsqrt(mean(x^2) + eps)).astype(dtype)` exactly as the reference (spec section 1)."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  config: ConfigDict
+  eps: float
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones)
+    return rms_norm(x, scale, self.eps)
+
+
+def rope_inv_freq(config: ConfigDict) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [rope_dim / 2] and the cos/sin attention factor (1.0 without YaRN)."""
+  d = config.qk_rope_head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+  if config.rope_scaling is not None:
+    from longcat_jax.model import rope_scaling  # YaRN lives beside the LongCat-2.0 features.
+    return rope_scaling.scaled_inv_freq(config, inv_freq)
+  return inv_freq.astype(np.float32), 1.0
+
+
+def rope_cos_sin(config: ConfigDict, positions):
+  """cos, sin [batch, seq, rope_dim / 2] float32 for integer positions [batch, seq]."""
+  inv_freq, factor = rope_inv_freq(config)
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+
+
+def apply_rope(x, cos, sin):
+  """DeepSeek interleaved RoPE on x [batch, seq, (heads,) rope_dim].
+
+  Pairs (2i, 2i+1) rotate by angle i. Like the reference, the result is laid out de-interleaved
+  ([rotated evens | rotated odds]); attention scores do not depend on that layout as q and k
+  share it.
+  """
+  if x.ndim == 4:
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class DenseMLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+  config: ConfigDict
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dt = dtype_of(c.dtype)
+    gate = param(self, "gate", (c.hidden_size, c.ffn_size), ("embed", "mlp"))
+    up = param(self, "up", (c.hidden_size, c.ffn_size), ("embed", "mlp"))
+    down = param(self, "down", (c.ffn_size, c.hidden_size), ("mlp", "embed"))
+    h = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return h @ down.astype(dt)
+

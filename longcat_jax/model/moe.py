@@ -1,0 +1,92 @@
+"""Mixture of experts with zero-computation (identity) experts (spec section 3).
+
+    logits = x_f32 @ W_router                     # [T, N+Z], fp32
+    w, idx = top-k of softmax(logits) + expert_bias (bias selects only), w *= routed_scaling_factor
+    y = sum_j w_j * (FFN_{idx_j}(x) if idx_j < N else x)
+
+Zero experts cost no FLOPs: their slots are folded into one scale of `x`, and only the FFN slots
+are sorted by expert and run through the grouped matmul (dropless).
+
+Variable collections, each with the same tree shape so that updates are name-free `tree.map`s:
+  - `expert_bias` (state, not trained): [N+Z] float32 selection bias (`e_score_correction_bias`).
+  - `expert_load` (output): [N+Z] float32 number of (token, slot) assignments per expert.
+Flax `intermediates`: `ffn_experts_per_token` [B, S] and `router_prob_mean` [N+Z] (differentiable,
+for the balance loss).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from longcat_jax.config import ConfigDict, dtype_of, num_experts_total
+from longcat_jax.model.attention import kernel_impl
+from longcat_jax.model.layers import constrain, param
+
+EXPERT_BIAS = "expert_bias"
+EXPERT_LOAD = "expert_load"
+
+
+def dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down, *, num_ffn_experts: int,
+                     implementation=None, block_m: int = 64):
+  """Routed-expert output on one device.
+
+  x [T, H] (the normed MoE input), weights/indices [T, k], ffn_counts [N] (assignments per FFN
+  expert), w_gate/w_up [N, H, I], w_down [N, I, H] -> [T, H]. Includes the zero-expert term.
+  """
+  t, k = indices.shape
+  flat = indices.reshape(-1)
+  is_ffn = flat < num_ffn_experts
+  # Stable sort by expert; zero-expert slots get key N and land after every FFN row, where the
+  # grouped matmul leaves them at zero.
+  order = jnp.argsort(jnp.where(is_ffn, flat, num_ffn_experts), stable=True)
+  xs = jnp.take(x, order // k, axis=0)
+  gmm = lambda a, w: pallas_kernels.grouped_matmul(a, w.astype(x.dtype), ffn_counts,
+                                                   implementation=implementation, block_m=block_m)
+  h = nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up)
+  ys = gmm(h, w_down)
+  y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(t, k, -1)
+  is_ffn = is_ffn.reshape(t, k)
+  w_ffn = jnp.where(is_ffn, weights, 0.0)
+  w_zero = jnp.where(is_ffn, 0.0, weights).sum(-1, keepdims=True)
+  out = jnp.einsum("tk,tkh->th", w_ffn.astype(jnp.float32), y.astype(jnp.float32))
+  return (out + w_zero * x.astype(jnp.float32)).astype(x.dtype)
+
+
+class MoE(nn.Module):
+  """Router + FFN experts + zero experts, dropless."""
+
+  config: ConfigDict
+
+  @nn.compact
+  def __call__(self, x):
+    """x [B, S, H] (normed) -> [B, S, H]."""
+    c = self.config
+    b, s, hdim = x.shape
+    e, n = num_experts_total(c), c.num_ffn_experts
+    router = param(self, "router", (hdim, e), ("embed", "exp_all"), dtype=jnp.float32)
+    bias = self.variable(EXPERT_BIAS, "router", lambda: jnp.zeros((e,), jnp.float32))
+    xt = x.reshape(b * s, hdim)
+    logits = jnp.dot(xt.astype(jnp.float32), router.astype(jnp.float32))
+    weights, indices, ffn_counts = pallas_kernels.topk_route(
+        logits, bias.value, c.top_k, n, c.routed_scaling_factor, implementation=kernel_impl(c))
+
+    # Routing statistics: load (for the controller), FFN experts per token, mean router probs.
+    load = jnp.bincount(indices.reshape(-1), length=e).astype(jnp.float32)
+    self.sow(EXPERT_LOAD, "router", load, init_fn=lambda: jnp.zeros((e,), jnp.float32),
+             reduce_fn=lambda _, new: new)
+    self.sow("intermediates", "ffn_experts_per_token", (indices < n).sum(-1).reshape(b, s))
+    self.sow("intermediates", "router_prob_mean", jax.nn.softmax(logits, -1).mean(0))
+
+    if n == 0:
+      out = weights.sum(-1, keepdims=True) * xt.astype(jnp.float32)
+      return out.astype(x.dtype).reshape(b, s, hdim)
+    i = c.expert_ffn_size
+    w_gate = param(self, "w_gate", (n, hdim, i), ("exp", "embed", "expert_mlp"))
+    w_up = param(self, "w_up", (n, hdim, i), ("exp", "embed", "expert_mlp"))
+    w_down = param(self, "w_down", (n, i, hdim), ("exp", "expert_mlp", "embed"))
+    from longcat_jax.parallel import expert_parallel  # late import: parallel imports model types
+    out = expert_parallel.experts(xt, weights, indices, ffn_counts, w_gate, w_up, w_down, config=c)
+    return constrain(out.reshape(b, s, hdim), ("batch", "length", "embed"))

@@ -1,0 +1,133 @@
+"""The ScMoE layer and the LongCat causal LM (spec section 1).
+
+    def layer(h):
+        h = h + mla0(norm_in0(h))
+        x = norm_post0(h)
+        moe_out = moe(x)              # shortcut branch: its all-to-all overlaps mla1 + mlp1
+        h = h + mlp0(x)
+        h = h + mla1(norm_in1(h))
+        h = h + mlp1(norm_post1(h)) + moe_out
+        return h
+
+Layers run under `nn.scan` (parameters stacked on a leading `layers` axis, compile time flat in
+depth), optionally rematerialised (`config.remat`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+
+from longcat_jax import config as config_lib
+from longcat_jax.config import ConfigDict, dtype_of
+from longcat_jax.model.attention import MLA
+from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param, rms_norm, rope_cos_sin
+from longcat_jax.model.moe import EXPERT_BIAS, EXPERT_LOAD, MoE
+
+# Collections carried per layer through the scan (stacked on axis 0).
+SCANNED_COLLECTIONS = ("params", EXPERT_BIAS, EXPERT_LOAD, "intermediates", "cache")
+
+_REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_moe": jax.checkpoint_policies.save_only_these_names("moe_out"),
+}
+
+
+class ScMoELayer(nn.Module):
+  """One shortcut-connected MoE layer: 2 MLA blocks, 2 dense MLPs, 1 MoE, 4 RMSNorms."""
+
+  config: ConfigDict
+
+  @nn.compact
+  def __call__(self, h, cos, sin, segment_ids):
+    c = self.config
+    norm = lambda name: RMSNorm(c, c.rms_norm_eps, name=name)
+    h = constrain(h, ("batch", "length", "embed"))
+    h = h + MLA(c, name="attn_0")(norm("input_norm_0")(h), cos, sin, segment_ids)
+    x = norm("post_attn_norm_0")(h)
+    moe_out = checkpoint_name(MoE(c, name="moe")(x), "moe_out")
+    h = h + DenseMLP(c, name="mlp_0")(x)
+    h = h + MLA(c, name="attn_1")(norm("input_norm_1")(h), cos, sin, segment_ids)
+    h = h + DenseMLP(c, name="mlp_1")(norm("post_attn_norm_1")(h)) + moe_out
+    return h, None
+
+
+class Decoder(nn.Module):
+  """`num_layers` ScMoE layers under `nn.scan`."""
+
+  config: ConfigDict
+
+  @nn.compact
+  def __call__(self, h, cos, sin, segment_ids):
+    c = self.config
+    layer_cls = ScMoELayer
+    if c.remat != "none":
+      layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+    scanned = nn.scan(
+        layer_cls,
+        variable_axes={col: 0 for col in SCANNED_COLLECTIONS},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    h, _ = scanned(c, name="layers")(h, cos, sin, segment_ids)
+    return h
+
+
+class LongcatForCausalLM(nn.Module):
+  """LongCat-Flash causal LM: embed -> ScMoE layers -> final norm -> untied lm_head.
+
+  `apply(variables, input_ids [B, S])` -> logits [B, S, vocab]. `positions` [B, S] default to
+  0..S-1; `segment_ids` [B, S] (packed documents; equal ids attend to each other, causally).
+  `return_hidden=True` returns the final-normed hidden states [B, S, hidden] instead of logits
+  (the trainer computes a vocabulary-chunked loss from them and `params['lm_head']`).
+  """
+
+  config: ConfigDict
+
+  def setup(self):
+    c = self.config
+    config_lib.validate(c)
+    self.embed_tokens = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+    self.decoder = Decoder(c)
+    self.final_norm = RMSNorm(c, c.rms_norm_eps)
+    if not c.tie_word_embeddings:
+      self.lm_head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+
+  def embed(self, input_ids):
+    return jnp.take(self.embed_tokens, input_ids, axis=0).astype(dtype_of(self.config.dtype))
+
+  def unembed_matrix(self):
+    """[hidden, vocab] output projection (the transposed embedding when tied)."""
+    return self.embed_tokens.T if self.config.tie_word_embeddings else self.lm_head
+
+  def logits(self, hidden):
+    return jnp.dot(hidden, self.unembed_matrix().astype(hidden.dtype))
+
+  def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False):
+    b, s = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin = rope_cos_sin(self.config, positions)
+    h = constrain(self.embed(input_ids), ("batch", "length", "embed"))
+    h = self.decoder(h, cos, sin, segment_ids)
+    h = self.final_norm(h)
+    if return_hidden:
+      return h
+    return constrain(self.logits(h), ("batch", "length", "vocab"))
+
+
+def init_variables(model: LongcatForCausalLM, rng, batch: int = 1, seq: int = 8):
+  """Fresh variables {"params", "expert_bias"} as plain arrays (jitted init; outputs dropped)."""
+  ids = jnp.zeros((batch, seq), jnp.int32)
+
+  @jax.jit
+  def _init(rng):
+    v = model.init(rng, ids)
+    return {k: nn.meta.unbox(v[k]) for k in ("params", EXPERT_BIAS) if k in v}
+
+  return _init(rng)

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="longcat_jax",
+    version="0.1.0",
+    description="The LongCat MoE model family (LongCat-Flash, -Flash-Lite, 2.0) in JAX/Flax: "
+                "model, sharding, Pallas kernels, training recipe, inference.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["longcat_jax", "longcat_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "numpy>=2.0",
+        "ml_collections>=1.0",
+        "tensorstore>=0.1.80",
+        "safetensors>=0.6",
+        "grain>=0.2.18,<0.3",
+        "tokenizers>=0.21",
+        "tqdm",
+        "tensorboardX",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "transformers>=5.23,<6",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
+    },
+)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from typing import Callable, Iterator
 
 import flax
@@ -76,6 +77,8 @@ def _leaves(c: ConfigDict) -> list[Leaf]:
   ]
   if not c.tie_word_embeddings:
     leaves.append(Leaf("params", ("lm_head",), "lm_head.weight", _t, _t))
+  if c.ngram_embedding is not None:
+    leaves += _ngram_leaves(c)
   lay = ("decoder", "layers")
   pre = "model.layers.{l}."
   for i in (0, 1):
@@ -102,6 +105,63 @@ def _leaves(c: ConfigDict) -> list[Leaf]:
   if c.num_ffn_experts:
     for proj, ours in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
       leaves.append(Leaf("params", moe + (ours,), pre + f"mlp.experts.{{e}}.{proj}.weight", _t, _t, True, True))
+  if c.mtp_num_heads:
+    leaves += _mtp_leaves(c, leaves)
+  return leaves
+
+
+MTP_EMBED_KEY = "model.mtp.embed_tokens.weight"
+
+
+def _mtp_leaves(c: ConfigDict, main: list[Leaf]) -> list[Leaf]:
+  """`model.mtp.*` <-> params['mtp'] (spec section 7; `longcat_jax.model.mtp`).
+
+  Head k is `model.mtp.layers.{k}.*`; its MLA and MLP reuse the main layer's transforms. The
+  heads share `model.mtp.norm.weight`; `model.mtp.embed_tokens.weight` is the main embedding
+  (shared, written as a copy, checked on load).
+  """
+  block = lambda ours, theirs: [(l, l.path[-1], l.hf_key.split(theirs, 1)[1]) for l in main
+                                if l.path[:3] == ("decoder", "layers", ours)]
+  leaves = [Leaf("params", ("mtp", "final_norm", "scale"), "model.mtp.norm.weight", _ident, _ident)]
+  for k in range(c.mtp_num_heads):
+    pre, path = f"model.mtp.layers.{k}.", ("mtp", f"layer_{k}")
+    leaves += [
+        Leaf("params", path + ("eh_proj",), pre + "eh_proj.weight", _t, _t),
+        Leaf("params", path + ("enorm", "scale"), pre + "enorm.m.weight", _ident, _ident),
+        Leaf("params", path + ("hnorm", "scale"), pre + "hnorm.m.weight", _ident, _ident),
+        Leaf("params", path + ("input_norm", "scale"), pre + "input_layernorm.weight", _ident, _ident),
+        Leaf("params", path + ("post_attn_norm", "scale"), pre + "post_attention_layernorm.weight", _ident, _ident),
+    ]
+    for leaf, name, hf_name in block("attn_0", "self_attn.0."):
+      leaves.append(Leaf("params", path + ("attn", name), pre + "self_attn." + hf_name, leaf.to_jax, leaf.to_hf))
+    for leaf, name, hf_name in block("mlp_0", "mlps.0."):
+      leaves.append(Leaf("params", path + ("mlp", name), pre + "transformer_layer.mlp." + hf_name, leaf.to_jax,
+                         leaf.to_hf))
+  return leaves
+
+
+def _ngram_leaves(c: ConfigDict) -> list[Leaf]:
+  """`model.ngram_embeddings.{embedders,post_projs}.{i}.weight` (Flash-Lite; spec section 4).
+
+  Tables are stored with exactly M_i = m + 2i + 1 rows and padded here to the sharding multiple.
+  """
+  from longcat_jax.model import ngram
+
+  def pad_to(rows, stored):
+    def to_jax(w):
+      if w.ndim != 2 or w.shape[0] != stored:
+        raise ValueError(f"n-gram table has {w.shape[0]} rows, expected {stored}")
+      return np.pad(w, ((0, rows - stored), (0, 0)))
+    return to_jax
+
+  leaves = []
+  for i, (rows, stored) in enumerate(zip(ngram.ngram_table_rows(c), ngram.ngram_moduli(c))):
+    leaves += [
+        Leaf("params", ("ngram_embedding", f"table_{i}"), f"model.ngram_embeddings.embedders.{i}.weight",
+             pad_to(rows, stored), lambda w, stored=stored: w[:stored]),
+        Leaf("params", ("ngram_embedding", f"post_proj_{i}"), f"model.ngram_embeddings.post_projs.{i}.weight",
+             _t, _t),
+    ]
   return leaves
 
 
@@ -160,6 +220,11 @@ class _TensorIndex:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self._open(self.weight_map[key]).get_slice(key).get_shape())
 
+  def dtype(self, key: str) -> str:
+    """The stored dtype's numpy name, read from the header only."""
+    st = self._open(self.weight_map[key]).get_slice(key).get_dtype()
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(st, "float32")
+
   def get(self, key: str) -> np.ndarray:
     fname = self.weight_map[key]
     handle = self._open(fname)
@@ -188,19 +253,24 @@ def load_pretrained(path: str, dtype=None, *, config_overrides: dict | None = No
 
   `variables` = {"params": ..., "expert_bias": ...}, plain JAX arrays in JAX layout. `dtype`
   (e.g. jnp.bfloat16) sets the parameter and compute dtype; None keeps the checkpoint's dtype
-  (router weights and expert bias always stay float32). `model.mtp.*` tensors are accepted and
-  left aside (`read_mtp_tensors`).
+  (router weights and expert bias always stay float32). `model.mtp.*` tensors load into
+  params['mtp'] when config.json has `num_nextn_predict_layers` > 0 (else they are left aside:
+  `read_mtp_tensors`).
   """
   index = _TensorIndex(path)
   overrides = dict(config_overrides or {})
   stored_dtype = None
   first = next((k for k in index.weight_map if k.endswith("embed_tokens.weight")), None)
-  if first is not None:
-    stored_dtype = index.get(first).dtype if dtype is None else None
+  if dtype is None and first is not None:
+    stored_dtype = index.dtype(first)
   name = jnp.dtype(dtype or stored_dtype or np.float32).name
   overrides.setdefault("param_dtype", name)
   overrides.setdefault("dtype", name)
   c = read_config(path, **overrides)
+  if c.mtp_num_heads and not any(_ASIDE.match(k) for k in index.weight_map):
+    warnings.warn(f"{path}: config.json has {c.mtp_num_heads} MTP head(s) but the checkpoint holds no "
+                  "model.mtp.* tensors; loading the main model only (mtp_num_heads=0)")
+    c.mtp_num_heads = 0
   config_lib.validate(c)
   model = LongcatForCausalLM(c)
 
@@ -240,6 +310,10 @@ def load_pretrained(path: str, dtype=None, *, config_overrides: dict | None = No
       out[idx] = w.astype(np_dtype)
     _set(variables.setdefault(leaf.collection, {}), leaf.path, jnp.asarray(out))
     del out
+  if c.mtp_num_heads and MTP_EMBED_KEY in index.weight_map:
+    if not np.array_equal(index.get(MTP_EMBED_KEY), index.get("model.embed_tokens.weight")):
+      warnings.warn(f"{index.file_of(MTP_EMBED_KEY)}: {MTP_EMBED_KEY} differs from model.embed_tokens.weight; "
+                    "the MTP head here shares the main embedding, so the MTP copy is not used")
   return model, variables
 
 
@@ -294,6 +368,8 @@ def save_pretrained(path: str, model: LongcatForCausalLM, variables, *, max_shar
       for e in range(c.num_ffn_experts, c.num_ffn_experts + c.zero_experts):
         for proj in ("gate_proj", "up_proj"):
           tensors.append((f"model.layers.{l}.mlp.experts.{e}.{proj}.weight", zeros))
+  if c.mtp_num_heads:  # the MTP head shares the main embedding; the released layout stores a copy
+    tensors.append((MTP_EMBED_KEY, np.asarray(jax.device_get(variables["params"]["embed_tokens"]))))
   for k, v in (extra_tensors or {}).items():
     tensors.append((k, np.asarray(v)))
 

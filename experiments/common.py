@@ -1,0 +1,223 @@
+"""Shared harness of the paper experiments (`experiments/exp_*.py`) and the notebooks.
+
+    store = common.corpus()                                  # byte-level Python-stdlib corpus
+    stats = common.token_stats_fn(model)(variables, batch)   # per-token loss, FFN experts, type
+    common.save_json("exp1", numbers); common.save_figure(fig, "exp1")
+
+Training goes through the trainer (`longcat_jax.train`); see `train_run` below. Every experiment
+has a `--scale` (`small` = the CPU setting quoted in RESULTS.md; larger ones change only the config)
+and a `--smoke` flag (a few steps, used by tests/test_experiments.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.environ.get("LONGCAT_RESULTS_DIR", os.path.join(ROOT, "experiments", "results"))
+DATA_DIR = os.environ.get("LONGCAT_DATA_DIR", os.path.join(ROOT, "data_cache"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def corpus(max_files: int | None = None) -> str:
+  """Path of the byte-tokenized Python-stdlib token store (built once under DATA_DIR)."""
+  from longcat_jax.data import prepare_default_corpus
+  return prepare_default_corpus(DATA_DIR, max_files=max_files)
+
+
+def eval_batches(store_path: str, seq_len: int, batch_size: int, num_batches: int, seed: int = 12345):
+  """A fixed held-out-style list of batches (a different shuffle seed from training)."""
+  from longcat_jax.data import make_train_iterator
+  it = make_train_iterator(store_path, seq_len, batch_size, seed, 0, 1, num_threads=0, prefetch=0)
+  return [next(it) for _ in range(num_batches)]
+
+
+# Byte-token classes of the *input* token at each position (ByteTokenizer: id = 3 + byte).
+TOKEN_TYPES = ("word start", "word continuation", "digit", "space", "newline", "punctuation",
+               "other")
+
+
+def token_types(ids: np.ndarray) -> np.ndarray:
+  """Byte-token ids [..., S] -> class index into TOKEN_TYPES [..., S]."""
+  ids = np.asarray(ids)
+  b = ids - 3
+  is_letter = lambda x: ((x >= 65) & (x <= 90)) | ((x >= 97) & (x <= 122)) | (x == 95)  # A-Z a-z _
+  prev = np.concatenate([np.full(b.shape[:-1] + (1,), -1), b[..., :-1]], axis=-1)
+  letter = is_letter(b)
+  t = np.full(b.shape, TOKEN_TYPES.index("other"))
+  t[(b >= 33) & (b <= 126)] = TOKEN_TYPES.index("punctuation")
+  t[(b >= 48) & (b <= 57)] = TOKEN_TYPES.index("digit")
+  t[letter & ~is_letter(prev)] = TOKEN_TYPES.index("word start")
+  t[letter & is_letter(prev)] = TOKEN_TYPES.index("word continuation")
+  t[(b == 32) | (b == 9)] = TOKEN_TYPES.index("space")
+  t[b == 10] = TOKEN_TYPES.index("newline")
+  return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Looking inside a model.
+
+
+def token_stats_fn(model):
+  """Jitted `f(variables, batch)` -> per-token statistics of one batch (numpy):
+
+  loss [B, S] float32 next-token cross-entropy (nats) at each position, mask [B, S] (loss_mask),
+  ffn_experts [L, B, S] FFN experts chosen per token per layer, expert_load [L, N+Z], types [B, S],
+  hidden_norm [B, S] L2 norm of the last-layer hidden state before the final norm.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  @jax.jit
+  def f(variables, input_ids, targets, positions, segment_ids):
+    logits, state = model.apply(variables, input_ids, positions, segment_ids,
+                                mutable=["intermediates", "expert_load"], capture_intermediates=
+                                lambda mdl, name: mdl.name == "decoder" and name == "__call__")
+    logits = logits.astype(jnp.float32)
+    loss = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    moe = state["intermediates"]["decoder"]["layers"]["moe"]
+    hidden = state["intermediates"]["decoder"]["__call__"][0]
+    return dict(loss=loss, ffn_experts=moe["ffn_experts_per_token"][0],
+                expert_load=state["expert_load"]["decoder"]["layers"]["moe"]["router"],
+                hidden_norm=jnp.linalg.norm(hidden.astype(jnp.float32), axis=-1))
+
+  def stats(variables, batch):
+    v = {k: variables[k] for k in ("params", "expert_bias") if k in variables}
+    out = jax.device_get(f(v, batch["input_ids"], batch["targets"], batch["positions"],
+                           batch["segment_ids"]))
+    out = {k: np.asarray(x) for k, x in out.items()}
+    out["mask"] = np.asarray(batch["loss_mask"]) > 0
+    out["types"] = token_types(batch["input_ids"])
+    return out
+
+  return stats
+
+
+def concat_stats(stats: list[dict]) -> dict:
+  """Joins token_stats of several batches along the batch axis (expert_load is summed)."""
+  out = {}
+  for k in stats[0]:
+    if k == "expert_load":
+      out[k] = sum(s[k] for s in stats)
+    else:
+      out[k] = np.concatenate([s[k] for s in stats], axis=1 if k == "ffn_experts" else 0)
+  return out
+
+
+def by_token_type(values: np.ndarray, types: np.ndarray, mask: np.ndarray) -> dict:
+  """Mean of `values` [B, S] per token class -> {class: {"mean", "count"}} (masked positions only)."""
+  out = {}
+  for i, name in enumerate(TOKEN_TYPES):
+    sel = (types == i) & mask
+    if sel.any():
+      out[name] = {"mean": float(values[sel].mean()), "count": int(sel.sum())}
+  return out
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+  """Spearman rank correlation (average ranks for ties)."""
+  def rank(a):
+    a = np.asarray(a, np.float64).ravel()
+    order = np.argsort(a, kind="stable")
+    r = np.empty(len(a))
+    r[order] = np.arange(len(a))
+    # average ties
+    _, inv, counts = np.unique(a, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=r)
+    return sums[inv] / counts[inv]
+  rx, ry = rank(x), rank(y)
+  return float(np.corrcoef(rx, ry)[0, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Results.
+
+
+def results_path(name: str) -> str:
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  return os.path.join(RESULTS_DIR, name)
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, (np.floating, float)):
+    return None if not np.isfinite(x) else round(float(x), 6)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def save_json(name: str, data: dict) -> str:
+  """Writes results/<name>.json (floats rounded to 6 digits) and returns the path."""
+  path = results_path(name + ".json")
+  with open(path, "w") as f:
+    json.dump(_jsonable(data), f, indent=1)
+    f.write("\n")
+  return path
+
+
+def figure(nrows: int = 1, ncols: int = 1, size=(5.0, 3.6)):
+  """A matplotlib figure (Agg backend, no display) with a grid of axes."""
+  import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg by itself
+  fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+  return fig, axes
+
+
+def save_figure(fig, name: str) -> str:
+  """Writes results/<name>.png (small: 80 dpi) and closes the figure."""
+  import matplotlib.pyplot as plt
+  path = results_path(name + ".png")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def smooth(x, window: int = 10) -> np.ndarray:
+  """Trailing moving average (same length; the first points average what exists)."""
+  x = np.asarray(x, np.float64)
+  c = np.cumsum(np.insert(x, 0, 0.0))
+  n = np.minimum(np.arange(1, len(x) + 1), window)
+  return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
+
+
+def tail_mean(x, frac: float = 0.1) -> float:
+  """Mean of the last `frac` of a curve (the number a loss curve is compared by)."""
+  x = np.asarray(x, np.float64)
+  k = max(1, int(round(len(x) * frac)))
+  return float(x[-k:].mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parser(description: str, scales: dict) -> argparse.ArgumentParser:
+  """--scale (a key of `scales`), --smoke (a few steps), --out-suffix."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--scale", default="small", choices=sorted(scales),
+                 help="experiment size; 'small' is the 2-core CPU setting quoted in RESULTS.md")
+  p.add_argument("--smoke", action="store_true", help="a few steps only (tests)")
+  p.add_argument("--tag", default="", help="suffix of the result file names")
+  return p
+
+
+class Timer:
+  def __init__(self):
+    self.t0 = time.time()
+
+  def __call__(self) -> float:
+    return time.time() - self.t0

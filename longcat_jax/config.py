@@ -272,3 +272,6 @@ def softmax_scale(c: ConfigDict) -> float:
     m = 0.1 * float(s["mscale_all_dim"]) * math.log(factor) + 1.0 if factor > 1 else 1.0
     scale *= m * m
   return scale
+
+
+from longcat_jax import presets_v2  # noqa: E402,F401  (registers flash_lite, longcat2)

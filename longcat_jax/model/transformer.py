@@ -25,6 +25,7 @@ from longcat_jax.config import ConfigDict, dtype_of
 from longcat_jax.model.attention import MLA
 from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param, rms_norm, rope_cos_sin
 from longcat_jax.model.moe import EXPERT_BIAS, EXPERT_LOAD, MoE
+from longcat_jax.model.ngram import NgramEmbedding
 
 # Collections carried per layer through the scan (stacked on axis 0).
 SCANNED_COLLECTIONS = ("params", EXPERT_BIAS, EXPERT_LOAD, "intermediates", "cache")
@@ -93,13 +94,20 @@ class LongcatForCausalLM(nn.Module):
     c = self.config
     config_lib.validate(c)
     self.embed_tokens = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+    self.ngram_embedding = NgramEmbedding(c) if c.ngram_embedding is not None else None
     self.decoder = Decoder(c)
     self.final_norm = RMSNorm(c, c.rms_norm_eps)
     if not c.tie_word_embeddings:
       self.lm_head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
-  def embed(self, input_ids):
-    return jnp.take(self.embed_tokens, input_ids, axis=0).astype(dtype_of(self.config.dtype))
+  def embed(self, input_ids, segment_ids=None, ngram_context=None):
+    """input_ids [B, S] -> [B, S, hidden]; with n-gram embeddings, `ngram_context` [B, N-1] is the
+    decoding n-gram cache (the tokens before input_ids) and `segment_ids` keep packed documents apart."""
+    x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(dtype_of(self.config.dtype))
+    if self.ngram_embedding is not None:
+      x = self.ngram_embedding(input_ids, x, context=ngram_context,
+                               segment_ids=segment_ids if ngram_context is None else None)
+    return x
 
   def unembed_matrix(self):
     """[hidden, vocab] output projection (the transposed embedding when tied)."""
@@ -108,12 +116,13 @@ class LongcatForCausalLM(nn.Module):
   def logits(self, hidden):
     return jnp.dot(hidden, self.unembed_matrix().astype(hidden.dtype))
 
-  def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False):
+  def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden: bool = False,
+               ngram_context=None):
     b, s = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin = rope_cos_sin(self.config, positions)
-    h = constrain(self.embed(input_ids), ("batch", "length", "embed"))
+    h = constrain(self.embed(input_ids, segment_ids, ngram_context), ("batch", "length", "embed"))
     h = self.decoder(h, cos, sin, segment_ids)
     h = self.final_norm(h)
     if return_hidden:

@@ -1,0 +1,49 @@
+"""Presets `flash_lite` (LongCat-Flash-Lite, 68.5B) and `longcat2` (LongCat-2.0, 1.6T).
+
+Every number's source is in docs/LONGCAT2.md. In short: flash_lite is the released config.json
+(spec section 4); longcat2 takes the defaults of SGLang's `LongcatFlashProConfig`
+(sgl-project/sglang python/sglang/srt/configs/longcat_flash_pro.py), which reproduce the published
+totals (1.6T parameters, ~48B activated, 135B n-gram parameters, 3-step MTP); its YaRN setting is
+a documented assumption.
+
+    cfg = longcat_jax.get_config("flash_lite")
+    longcat_jax.count_params(cfg).total        # 68.5e9
+"""
+
+from __future__ import annotations
+
+from longcat_jax.config import ConfigDict, base_config, register_preset
+
+
+def flash_lite() -> ConfigDict:
+  """LongCat-Flash-Lite: 68.5B total of which 31.4B n-gram tables; 2.9B-4.5B activated."""
+  c = base_config()
+  c.name = "flash_lite"
+  c.update(vocab_size=131072, hidden_size=3072, num_layers=14, num_heads=32, q_lora_rank=1536,
+           kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, ffn_size=6144,
+           num_ffn_experts=256, zero_experts=128, top_k=12, expert_ffn_size=1024, routed_scaling_factor=6.0,
+           rope_theta=5e6, max_position_embeddings=327680, mtp_num_heads=1)
+  c.rope_scaling = dict(type="yarn", factor=10.0, original_max_position_embeddings=32768, beta_fast=32,
+                        beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+  c.ngram_embedding = dict(vocab_size_ratio=78, neighbor_num=4, split_num=4)
+  return c
+
+
+def longcat2() -> ConfigDict:
+  """LongCat-2.0 (1.6T total, ~48B activated), LongCat Sparse Attention, 135B n-gram tables, 3 MTP heads."""
+  c = base_config()
+  c.name = "longcat2"
+  c.update(vocab_size=163840, hidden_size=8192, num_layers=38, num_heads=64, q_lora_rank=1536,
+           kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, ffn_size=12288,
+           num_ffn_experts=768, zero_experts=128, top_k=12, expert_ffn_size=2048, routed_scaling_factor=9.0,
+           target_ffn_experts=8.0, rope_theta=1e6, max_position_embeddings=1048576, mtp_num_heads=3)
+  # Assumption (secondary sources only): YaRN x120 from an 8k pretraining window to ~1M positions.
+  c.rope_scaling = dict(type="yarn", factor=120.0, original_max_position_embeddings=8192, beta_fast=32,
+                        beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+  c.ngram_embedding = dict(vocab_size_ratio=100.567, neighbor_num=5, split_num=4)
+  c.sparse_attention = dict(index_heads=32, index_dim=128, top_k=2048, init_tokens=16, local_tokens=1024)
+  return c
+
+
+register_preset("flash_lite", flash_lite)
+register_preset("longcat2", longcat2)

@@ -1,0 +1,244 @@
+"""LongCat-Flash-Lite / LongCat-2.0 features: YaRN, n-gram embeddings, presets, sparse attention."""
+
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_reference import make_reference, reference_logits
+from transformers import LongcatFlashConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+import longcat_jax as lj
+from longcat_jax import config as config_lib
+from longcat_jax.interop import CheckpointError
+from longcat_jax.model import layers, ngram
+
+# ---------------------------------------------------------------------------------------------
+# YaRN.
+
+YARN_CASES = {  # (rope_theta, rope dim, rope_scaling)
+    "lite": (5e6, 64, dict(factor=10.0, original_max_position_embeddings=32768, beta_fast=32, beta_slow=1,
+                           mscale=1.0, mscale_all_dim=1.0)),
+    "x120_uneven_mscale": (1e6, 64, dict(factor=120.0, original_max_position_embeddings=8192, beta_fast=32,
+                                         beta_slow=1, mscale=1.0, mscale_all_dim=0.707)),
+    "no_mscale": (1e4, 32, dict(factor=4.0, original_max_position_embeddings=4096)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(YARN_CASES))
+def test_yarn_matches_transformers(name):
+  theta, dim, scaling = YARN_CASES[name]
+  cfg = lj.get_config("tiny", rope_theta=theta, qk_rope_head_dim=dim,
+                      rope_scaling=dict(type="yarn", **scaling))
+  hf = LongcatFlashConfig(qk_rope_head_dim=dim, head_dim=dim,
+                          rope_parameters={"rope_theta": theta, "rope_type": "yarn", **scaling})
+  want_inv, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+  inv, factor = layers.rope_inv_freq(cfg)
+  np.testing.assert_allclose(inv, want_inv.numpy(), rtol=3e-7, atol=0)
+  assert factor == pytest.approx(want_factor, rel=1e-12)
+  # Interpolated and extrapolated frequencies both occur, so the ramp is exercised.
+  plain = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+  assert np.isclose(inv[0], plain[0]) and np.isclose(inv[-1], plain[-1] / scaling["factor"], rtol=1e-5)
+  # cos/sin (with the attention factor) equal the transformers rotary embedding's.
+  from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashRotaryEmbedding
+  pos = np.array([[0, 1, 17, 1000, 4095]])
+  cos_t, sin_t = LongcatFlashRotaryEmbedding(hf)(torch.zeros(1), torch.as_tensor(pos))
+  cos, sin = layers.rope_cos_sin(cfg, jnp.asarray(pos))
+  np.testing.assert_allclose(cos, cos_t.numpy()[..., :dim // 2], atol=5e-4)
+  np.testing.assert_allclose(sin, sin_t.numpy()[..., :dim // 2], atol=5e-4)
+  # Softmax scale: qk_head_dim**-0.5 * mscale(factor, mscale_all_dim)**2, as DeepSeek-V3 / LongCat.
+  from transformers.models.longcat_flash.modeling_longcat_flash import yarn_apply_mscale
+  want_scale = yarn_apply_mscale(hf.rope_parameters, config_lib.qk_head_dim(cfg) ** -0.5)
+  assert config_lib.softmax_scale(cfg) == pytest.approx(want_scale, rel=1e-12)
+
+
+def test_yarn_model_matches_transformers_via_config_json(tmp_path):
+  """A YaRN checkpoint (rope_parameters in config.json) loads and matches transformers' logits."""
+  rope = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+          "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.5}
+  ref = make_reference(seed=3, bias_scale=0.05, rope_parameters=rope, max_position_embeddings=64)
+  ref.save_pretrained(str(tmp_path))
+  model, variables = lj.load_pretrained(str(tmp_path))
+  assert model.config.rope_scaling["factor"] == 4.0
+  assert config_lib.softmax_scale(model.config) != config_lib.qk_head_dim(model.config) ** -0.5
+  ids = np.random.RandomState(0).randint(0, ref.config.vocab_size, (2, 40))
+  ours = np.asarray(jax.jit(model.apply)(variables, ids))
+  np.testing.assert_allclose(ours, reference_logits(ref, ids), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# N-gram embeddings.
+
+
+def numpy_ngram_ids(tokens, vocab, m, neighbor_num, split_num):
+  """Spec section 4, literally: int64, tokens before the start count as 0."""
+  tokens = np.asarray(tokens, np.int64)
+  b, s = tokens.shape
+  out = []
+  for n in range(2, neighbor_num + 1):
+    for j in range(split_num):
+      mod = m + 2 * ((n - 2) * split_num + j) + 1
+      ids = np.zeros((b, s), np.int64)
+      for i in range(s):
+        v = tokens[:, i].copy()
+        for d in range(1, n):
+          prev = tokens[:, i - d] if i - d >= 0 else np.zeros(b, np.int64)
+          v += prev * (vocab ** d % mod)
+        ids[:, i] = v % mod
+      out.append(ids)
+  return np.stack(out)
+
+
+NGRAM_DIMS = {"flash_lite": (131072, 78, 4, 4), "longcat2": (163840, 100.567, 5, 4), "tiny": (320, 3, 3, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(NGRAM_DIMS))
+def test_ngram_ids_match_numpy_int64(name):
+  vocab, ratio, n, k = NGRAM_DIMS[name]
+  m = int(ratio * vocab)
+  rng = np.random.RandomState(1)
+  tokens = rng.randint(0, vocab, (3, 37))
+  tokens[0, :6] = vocab - 1           # largest products
+  tokens[1, :4] = 0
+  moduli = [m + 2 * i + 1 for i in range(k * (n - 1))]
+  want = numpy_ngram_ids(tokens, vocab, m, n, k)
+  if name != "tiny":
+    assert (vocab - 1) * max(moduli) > 2**31  # the int64 products would overflow a naive int32 hash
+  ids = ngram.ngram_ids(jnp.asarray(tokens), vocab_size=vocab, moduli=moduli, neighbor_num=n, split_num=k)
+  assert ids.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(ids), want)
+  # Decoding in chunks with the n-gram cache gives the same ids as the whole stream at once.
+  ctx = jnp.zeros((3, n - 1), jnp.int32)
+  got = []
+  for lo, hi in ((0, 1), (1, 2), (2, 9), (9, 10), (10, 37)):
+    chunk = jnp.asarray(tokens[:, lo:hi])
+    got.append(ngram.ngram_ids(chunk, vocab_size=vocab, moduli=moduli, neighbor_num=n, split_num=k,
+                               context=ctx))
+    ctx = ngram.update_ngram_context(ctx, chunk)
+  np.testing.assert_array_equal(np.concatenate([np.asarray(g) for g in got], axis=-1), want)
+
+
+def test_ngram_segments_reset_like_separate_documents():
+  vocab, ratio, n, k = NGRAM_DIMS["flash_lite"]
+  m = int(ratio * vocab)
+  moduli = [m + 2 * i + 1 for i in range(k * (n - 1))]
+  rng = np.random.RandomState(2)
+  docs = [rng.randint(0, vocab, (1, L)) for L in (5, 2, 9)]
+  packed = np.concatenate(docs, axis=1)
+  seg = np.concatenate([np.full((1, d.shape[1]), i + 1) for i, d in enumerate(docs)], axis=1)
+  ids = ngram.ngram_ids(jnp.asarray(packed), vocab_size=vocab, moduli=moduli, neighbor_num=n, split_num=k,
+                        segment_ids=jnp.asarray(seg))
+  want = np.concatenate([numpy_ngram_ids(d, vocab, m, n, k) for d in docs], axis=-1)
+  np.testing.assert_array_equal(np.asarray(ids), want)
+
+
+def ngram_tiny(**overrides):
+  kw = dict(ngram_embedding=dict(vocab_size_ratio=3, neighbor_num=3, split_num=4, row_multiple=64))
+  kw.update(overrides)
+  return lj.get_config("tiny", **kw)
+
+
+def random_variables(model, seed=0):
+  """Random variables of the model's shapes without compiling its init (tests stay fast)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  rng = np.random.RandomState(seed)
+  fill = lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype)
+  return {k: jax.tree.map(fill, flax.linen.meta.unbox(shapes[k])) for k in ("params", "expert_bias")}
+
+
+def test_ngram_embedding_matches_numpy_formula():
+  cfg = ngram_tiny()
+  module = ngram.NgramEmbedding(cfg)
+  rng = np.random.RandomState(3)
+  tokens = rng.randint(0, cfg.vocab_size, (2, 11))
+  words = rng.standard_normal((2, 11, cfg.hidden_size)).astype(np.float32)
+  params = module.init(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(words))["params"]
+  p = jax.tree.map(np.asarray, flax.linen.meta.unbox(params))
+  apply = jax.jit(lambda t, w, ctx: module.apply({"params": params}, t, w, context=ctx))
+  got = np.asarray(apply(tokens, words, None))
+  m = int(3 * cfg.vocab_size)
+  ids = numpy_ngram_ids(tokens, cfg.vocab_size, m, 3, 4)
+  e = words.astype(np.float64)
+  for i in range(8):
+    table = p[f"table_{i}"]
+    assert table.shape == (-(-(m + 2 * i + 1) // 64) * 64, cfg.hidden_size // 8)
+    e = e + table[ids[i]].astype(np.float64) @ p[f"post_proj_{i}"]
+  np.testing.assert_allclose(got, e / 9, atol=1e-6, rtol=1e-5)
+  # An n-gram context (decoding) changes the first N - 1 positions only.
+  with_ctx = np.asarray(apply(tokens, words, jnp.asarray([[5, 7], [9, 11]])))
+  assert np.abs(with_ctx[:, :2] - got[:, :2]).max() > 1e-4
+  np.testing.assert_allclose(with_ctx[:, 2:], got[:, 2:], atol=1e-6)
+
+
+def test_ngram_model_embed_hook():
+  """`LongcatForCausalLM.embed` adds the n-grams when `config.ngram_embedding` is set."""
+  cfg = ngram_tiny()
+  model = lj.LongcatForCausalLM(cfg)
+  variables = random_variables(model)
+  tokens = np.random.RandomState(5).randint(0, cfg.vocab_size, (1, 7))
+  got = jax.jit(lambda v, t: model.apply(v, t, method=model.embed))(variables, tokens)
+  words = variables["params"]["embed_tokens"][tokens]
+  want = ngram.NgramEmbedding(cfg).apply({"params": variables["params"]["ngram_embedding"]}, tokens, words)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_ngram_checkpoint_keys_roundtrip(tmp_path):
+  cfg = ngram_tiny()
+  model = lj.LongcatForCausalLM(cfg)
+  variables = random_variables(model, seed=1)
+  lj.save_pretrained(str(tmp_path / "ck"), model, variables)
+  with open(tmp_path / "ck" / "model.safetensors.index.json") as f:
+    keys = json.load(f)["weight_map"]
+  from safetensors import safe_open
+  m = int(3 * cfg.vocab_size)
+  with safe_open(str(tmp_path / "ck" / "model.safetensors"), "numpy") as f:
+    for i in range(8):
+      assert f.get_slice(f"model.ngram_embeddings.embedders.{i}.weight").get_shape() == [m + 2 * i + 1, 8]
+      assert f.get_slice(f"model.ngram_embeddings.post_projs.{i}.weight").get_shape() == [cfg.hidden_size, 8]
+  assert "model.embed_tokens.weight" in keys
+  with open(tmp_path / "ck" / "config.json") as f:
+    hf = json.load(f)
+  assert (hf["model_type"], hf["ngram_vocab_size_ratio"], hf["emb_neighbor_num"], hf["emb_split_num"]) == (
+      "longcat_flash_ngram", 3, 3, 4)
+  model2, variables2 = lj.load_pretrained(str(tmp_path / "ck"))   # default row padding (1024)
+  assert dict(model2.config.ngram_embedding) == dict(vocab_size_ratio=3, neighbor_num=3, split_num=4)
+  a, b = variables["params"]["ngram_embedding"], variables2["params"]["ngram_embedding"]
+  for i in range(8):
+    rows = m + 2 * i + 1
+    assert b[f"table_{i}"].shape == (1024, 8)
+    np.testing.assert_array_equal(np.asarray(b[f"table_{i}"][:rows]), np.asarray(a[f"table_{i}"][:rows]))
+    np.testing.assert_array_equal(np.asarray(b[f"post_proj_{i}"]), np.asarray(a[f"post_proj_{i}"]))
+  np.testing.assert_array_equal(np.asarray(variables2["params"]["embed_tokens"]),
+                                np.asarray(variables["params"]["embed_tokens"]))
+  # A table with the wrong number of rows is refused, naming the tensor.
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(tmp_path / "ck" / "model.safetensors"))
+  tensors["model.ngram_embeddings.embedders.3.weight"] = tensors["model.ngram_embeddings.embedders.3.weight"][:-1]
+  save_file(tensors, str(tmp_path / "ck" / "model.safetensors"))
+  with pytest.raises(CheckpointError, match=r"embedders\.3"):
+    lj.load_pretrained(str(tmp_path / "ck"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and parameter counts (published totals: Lite model card; LongCat-2.0 announcement).
+
+
+def test_flash_lite_count_matches_published():
+  pc = lj.count_params(lj.get_config("flash_lite"))
+  assert abs(pc.total / 68.5e9 - 1) < 0.01
+  ngram_params = pc.embedding - 131072 * 3072
+  assert abs(ngram_params / 31.4e9 - 1) < 0.01
+  assert abs(pc.activated_min / 2.9e9 - 1) < 0.05 and abs(pc.activated_max / 4.5e9 - 1) < 0.05
+
+
+def test_longcat2_count_matches_published():
+  cfg = lj.get_config("longcat2")
+  pc = lj.count_params(cfg)
+  assert abs(pc.total / 1.6e12 - 1) < 0.05
+  assert abs((pc.embedding - cfg.vocab_size * cfg.hidden_size) / 135e9 - 1) < 0.02
+  assert abs(pc.activated_target / 48e9 - 1) < 0.05

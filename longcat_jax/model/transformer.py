@@ -25,6 +25,7 @@ from longcat_jax.config import ConfigDict, dtype_of
 from longcat_jax.model.attention import MLA
 from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param, rms_norm, rope_cos_sin
 from longcat_jax.model.moe import EXPERT_BIAS, EXPERT_LOAD, MoE
+from longcat_jax.model.mtp import MTPHead
 from longcat_jax.model.ngram import NgramEmbedding
 
 # Collections carried per layer through the scan (stacked on axis 0).
@@ -99,6 +100,7 @@ class LongcatForCausalLM(nn.Module):
     self.final_norm = RMSNorm(c, c.rms_norm_eps)
     if not c.tie_word_embeddings:
       self.lm_head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+    self.mtp = MTPHead(c) if c.mtp_num_heads else None
 
   def embed(self, input_ids, segment_ids=None, ngram_context=None):
     """input_ids [B, S] -> [B, S, hidden]; with n-gram embeddings, `ngram_context` [B, N-1] is the
@@ -124,10 +126,25 @@ class LongcatForCausalLM(nn.Module):
     cos, sin = rope_cos_sin(self.config, positions)
     h = constrain(self.embed(input_ids, segment_ids, ngram_context), ("batch", "length", "embed"))
     h = self.decoder(h, cos, sin, segment_ids)
+    self.sow("intermediates", "last_hidden", h)  # pre-final-norm residual stream (hidden z-loss)
     h = self.final_norm(h)
+    if self.mtp is not None and self.is_initializing():
+      self.mtp_hidden(h, input_ids, positions, segment_ids)  # creates params['mtp']
     if return_hidden:
       return h
     return constrain(self.logits(h), ("batch", "length", "vocab"))
+
+  def mtp_hidden(self, hidden, input_ids, positions=None, segment_ids=None):
+    """The MTP heads (`config.mtp_num_heads` > 0; `longcat_jax.model.mtp`): hidden [B, S, H] (this
+    model's final-normed output for input_ids [B, S]) -> final-normed hidden of head k = 1..N
+    [N, B, S, H]; head k at position t predicts token t + k + 1 through `unembed_matrix()`."""
+    b, s = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin = rope_cos_sin(self.config, positions)
+    ahead = [jnp.pad(input_ids, ((0, 0), (0, k)))[:, k:] for k in range(1, self.config.mtp_num_heads + 1)]
+    embeds = jnp.take(self.embed_tokens, jnp.stack(ahead), axis=0).astype(dtype_of(self.config.dtype))
+    return self.mtp(hidden, embeds, cos, sin, segment_ids)
 
 
 def init_variables(model: LongcatForCausalLM, rng, batch: int = 1, seq: int = 8):

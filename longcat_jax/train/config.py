@@ -1,0 +1,87 @@
+"""Training configuration: a `ConfigDict` with the model preset under `model` and every training field.
+
+    config = get_train_config("tiny", total_steps=200)       # model preset + training defaults
+    config.model.hidden_size = 128
+    config.optimizer.lr = 1e-3
+
+`experiments/configs/*.py` build on this (big_vision style), and every field can be overridden on
+the command line: `--config.optimizer.lr=1e-3 --config.model.num_layers=2`.
+"""
+
+from __future__ import annotations
+
+from longcat_jax import config as config_lib
+
+ConfigDict = config_lib.ConfigDict
+
+NONFINITE_CHOICES = ("skip", "stop")
+
+
+def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
+  c = ConfigDict()
+  c.model = config_lib.get_config(model)
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 8                 # global batch (sequences per optimizer step)
+  c.seq_len = 256
+  c.grad_accum_steps = 1           # microbatches per step (batch_size must divide)
+
+  c.data = ConfigDict()
+  c.data.store = ""                # token store path; "" = the Python-stdlib corpus, built on first use
+  c.data.cache_dir = "data_cache"  # where the default corpus is built
+  c.data.max_files = 0             # default corpus: first N stdlib files (0 = all)
+  c.data.num_threads = 2
+  c.data.prefetch = 4
+
+  c.optimizer = ConfigDict()
+  c.optimizer.lr = 3e-3
+  c.optimizer.schedule = "wsd"     # wsd | cosine | constant
+  c.optimizer.warmup_steps = 50
+  c.optimizer.decay_fraction = 0.2  # wsd: last fraction of the steps decays
+  c.optimizer.final_lr_ratio = 0.1
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-16          # the report's finding (spec section 5)
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip = 1.0
+  c.optimizer.proxy_hidden_size = 0  # > 0: width transfer from a proxy of that hidden size
+
+  c.loss = ConfigDict()
+  c.loss.z_loss_weight = 1e-7      # lambda of the hidden z-loss
+  c.loss.balance_loss_weight = 1e-3  # alpha of the device-level balance loss
+  c.loss.balance_groups = 1        # D: FFN-expert groups (the expert-parallel degree)
+  c.loss.mtp_loss_weight = 0.1     # weight of the mean MTP head loss (model.mtp_num_heads > 0)
+  c.loss.chunk_tokens = 0          # tokens per output-projection chunk (0 = 16M logits per chunk)
+
+  c.controller = ConfigDict()
+  c.controller.rate = 1e-2         # mu of the expert-bias update (spec section 3)
+  c.controller.decay_steps = 200.0  # mu_t = mu / sqrt(1 + t / decay_steps)
+
+  c.nonfinite = "skip"             # skip: drop the update, log it; stop: checkpoint-free stop
+  c.log_every = 1
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3
+  c.async_checkpoint = True
+  c.init_from = ""                 # orbax checkpoint dir of a trained model to grow from
+  c.grow_factor = 2                # model growth: stack the trained layers this many times
+  c.sample_prompt = "def "
+  c.sample_tokens = 64
+  c.compilation_cache = ""         # persistent XLA compilation cache dir ("" = off)
+  for k, v in overrides.items():
+    if k not in c:
+      raise ValueError(f"training config has no field {k!r}")
+    c[k] = v
+  return c
+
+
+def validate(c: ConfigDict) -> None:
+  """Raises ValueError naming the field that is wrong."""
+  config_lib.validate(c.model)
+  if c.batch_size <= 0 or c.batch_size % c.grad_accum_steps:
+    raise ValueError(f"batch_size={c.batch_size} must be a positive multiple of grad_accum_steps="
+                     f"{c.grad_accum_steps}")
+  if c.nonfinite not in NONFINITE_CHOICES:
+    raise ValueError(f"nonfinite={c.nonfinite!r} must be one of {NONFINITE_CHOICES}")
+  if c.model.num_ffn_experts and c.model.num_ffn_experts % c.loss.balance_groups:
+    raise ValueError(f"loss.balance_groups={c.loss.balance_groups} must divide model.num_ffn_experts="
+                     f"{c.model.num_ffn_experts}")

@@ -1,0 +1,235 @@
+"""`TrainState`, `init_train_state` and the pure training step.
+
+    state = init_train_state(model, config, jax.random.PRNGKey(config.seed))
+    train_step = make_train_step(model, config)
+    step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                      out_shardings=(state_shardings, None))
+    state, metrics = step_fn(state, batch)
+
+Signature (for the AOT planner and sharding tests):
+
+  make_train_step(model: LongcatForCausalLM, config: ConfigDict (`train.config.get_train_config`))
+    -> train_step(state: TrainState, batch: dict[str, Array]) -> (TrainState, dict[str, Array])
+
+  batch: the data pipeline's dict, each [global_batch, seq]: input_ids, targets, segment_ids,
+    positions (int32), loss_mask (float32). global_batch must divide by `config.grad_accum_steps`.
+  The step is a pure function of its arguments (no Python side effects, no host callbacks), so it
+  can be jitted with any in/out shardings or lowered ahead of time with ShapeDtypeStructs
+  (`abstract_train_state`).
+  metrics: float32 scalars loss (the optimised objective), nll (mean next-token cross-entropy),
+    z_loss (hidden z-loss without lambda), balance_loss (without alpha), mtp_loss (mean over
+    heads; 0 without MTP), grad_norm (before clipping), lr, tokens (loss tokens), nonfinite
+    (1 if the step was non-finite: with `nonfinite="skip"` its update was dropped);
+    ffn_experts_mean / ffn_experts_std [L] (FFN experts per real token, per layer);
+    expert_load [L, N+Z] (global assignment counts this step).
+
+The state after the step holds the optimizer update of `params` and the compute-budget
+controller's update of `expert_bias` (from the step's global expert load); the optimizer never
+sees `expert_bias`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from longcat_jax.model import EXPERT_BIAS, EXPERT_LOAD
+from longcat_jax.train import controller, losses, optimizer as optim
+
+BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # int32 []: optimizer steps taken
+  params: Any                # master weights (config.model.param_dtype, float32 by default)
+  opt_state: Any             # optax state
+  expert_bias: Any           # controller state: the `expert_bias` collection
+  rng: jax.Array             # uint32 [2]: raw PRNG key (checkpointable), split every step
+
+
+def make_optimizer(model, config):
+  """(optax transformation, lr schedule) for `config` (see `train.optimizer`)."""
+  groups = optim.param_groups(model)
+  return optim.make_optimizer(config.optimizer, groups, config.total_steps, config.model.hidden_size)
+
+
+def init_train_state(model, config, rng) -> TrainState:
+  """Fresh state: model init (width-rescaled when `optimizer.proxy_hidden_size` > 0), zero bias."""
+  from longcat_jax.model.transformer import init_variables
+  rng = jnp.asarray(rng)
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  init_rng, rng = jax.random.split(rng)
+  variables = init_variables(model, init_rng)
+  params = variables["params"]
+  s = optim.width_factor(config.optimizer, config.model.hidden_size)
+  if s != 1.0:
+    params = optim.scale_init_for_width(params, optim.param_groups(model), s)
+  return state_from_params(model, config, params, variables[EXPERT_BIAS], rng)
+
+
+def state_from_params(model, config, params, expert_bias, rng) -> TrainState:
+  """A step-0 state around given weights (fresh optimizer state), e.g. after model growth."""
+  tx, _ = make_optimizer(model, config)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
+                    expert_bias=expert_bias, rng=jnp.asarray(rng, jnp.uint32))
+
+
+def abstract_train_state(model, config) -> TrainState:
+  """ShapeDtypeStruct tree of the state (no allocation): for restore targets and AOT lowering."""
+  return jax.eval_shape(lambda: init_train_state(model, config, jax.random.PRNGKey(0)))
+
+
+def _find(tree, name: str):
+  """The leaf sown under `name` (unwrapping sow's 1-tuple); the model sows each name once."""
+  found = [v for path, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items() if path[-1] == name]
+  if len(found) != 1:
+    raise KeyError(f"expected one intermediate named {name!r}, found {len(found)}")
+  v = found[0]
+  return v[0] if isinstance(v, tuple) else v
+
+
+def _single_leaf(tree):
+  leaves = jax.tree.leaves(tree)
+  if len(leaves) != 1:
+    raise ValueError(f"expected one MoE expert-load leaf, found {len(leaves)}")
+  return leaves[0]
+
+
+def make_loss_fn(model, config):
+  """loss_fn(params, expert_bias, microbatch, norms, rng) -> (objective, aux) for one microbatch.
+
+  `norms` = (loss tokens, real tokens, MTP tokens per head [N], microbatches) of the WHOLE batch,
+  so that the objectives of the microbatches add up to the objective of the batch.
+  """
+  c, lc = config.model, config.loss
+  n_mtp = c.mtp_num_heads
+
+  def loss_fn(params, expert_bias, mb, norms, rng):
+    n_loss, n_real, n_mtp_tokens, n_micro = norms
+    variables = {"params": params, EXPERT_BIAS: expert_bias}
+    hidden, out = model.apply(variables, mb["input_ids"], mb["positions"], mb["segment_ids"], return_hidden=True,
+                              mutable=[EXPERT_LOAD, "intermediates"], rngs={"dropout": rng})
+    unembed = params["embed_tokens"].T if c.tie_word_embeddings else params["lm_head"]
+    nll_sum, _ = losses.next_token_nll(hidden, unembed, mb["targets"], mb["loss_mask"],
+                                       chunk_tokens=lc.chunk_tokens or None)
+    inter = out["intermediates"]
+    token_mask = mb["segment_ids"] > 0
+    z_sum = losses.hidden_z_loss_sum(_find(inter, "last_hidden"), token_mask)
+    load = out[EXPERT_LOAD]
+    objective = nll_sum / n_loss + lc.z_loss_weight * z_sum / n_real
+    lb = jnp.zeros((), jnp.float32)
+    if c.num_ffn_experts and c.zero_experts + c.num_ffn_experts > 1:
+      lb = losses.balance_loss(_find(inter, "router_prob_mean"), _single_leaf(load),
+                               num_ffn_experts=c.num_ffn_experts, zero_experts=c.zero_experts, top_k=c.top_k,
+                               target_ffn_experts=c.target_ffn_experts, num_groups=lc.balance_groups)
+      objective = objective + lc.balance_loss_weight * lb / n_micro
+    mtp_sums = jnp.zeros((max(n_mtp, 1),), jnp.float32)
+    if n_mtp:
+      mtp_h = model.apply(variables, hidden, mb["input_ids"], mb["positions"], mb["segment_ids"],
+                          method=model.mtp_hidden)
+      targets, weights = losses.mtp_targets(mb["input_ids"], mb["loss_mask"], n_mtp)
+      mtp_sums = jnp.stack([losses.next_token_nll(mtp_h[k], unembed, targets[k], weights[k],
+                                                  chunk_tokens=lc.chunk_tokens or None)[0]
+                            for k in range(n_mtp)])
+      objective = objective + lc.mtp_loss_weight * jnp.mean(mtp_sums / jnp.maximum(n_mtp_tokens, 1.0))
+    fpt = _find(inter, "ffn_experts_per_token")
+    aux = dict(nll_sum=nll_sum, z_sum=z_sum, balance=lb / n_micro, mtp_sums=mtp_sums, load=load, fpt=fpt)
+    return objective, aux
+
+  return loss_fn
+
+
+def _batch_norms(batch, n_mtp: int, n_micro: int):
+  n_loss = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+  n_real = jnp.maximum((batch["segment_ids"] > 0).astype(jnp.float32).sum(), 1.0)
+  if n_mtp:
+    _, w = losses.mtp_targets(batch["input_ids"], batch["loss_mask"], n_mtp)
+    n_mtp_tokens = w.sum(axis=(1, 2))
+  else:
+    n_mtp_tokens = jnp.ones((1,), jnp.float32)
+  return n_loss, n_real, n_mtp_tokens, jnp.asarray(n_micro, jnp.float32)
+
+
+def make_train_step(model, config):
+  """The pure training step `(state, batch) -> (state, metrics)`; see the module docstring."""
+  c = config.model
+  n_micro = int(config.grad_accum_steps)
+  tx, schedule = make_optimizer(model, config)
+  loss_fn = make_loss_fn(model, config)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    rng, step_rng = jax.random.split(state.rng)
+    norms = _batch_norms(batch, c.mtp_num_heads, n_micro)
+    if n_micro == 1:
+      (objective, aux), grads = grad_fn(state.params, state.expert_bias, batch, norms, step_rng)
+      fpt = aux.pop("fpt")
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        mb, i = xs
+        (obj, aux), g = grad_fn(state.params, state.expert_bias, mb, norms, jax.random.fold_in(step_rng, i))
+        fpt = aux.pop("fpt")
+        acc_obj, acc_aux, acc_g = carry
+        carry = (acc_obj + obj, jax.tree.map(jnp.add, acc_aux, aux), jax.tree.map(jnp.add, acc_g, g))
+        return carry, fpt
+
+      zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32 if x.dtype != jnp.int32 else x.dtype), t)
+      aux_shape = jax.eval_shape(lambda: grad_fn(state.params, state.expert_bias,
+                                                 jax.tree.map(lambda x: x[0], micro), norms, step_rng)[0][1])
+      aux_shape = {k: v for k, v in aux_shape.items() if k != "fpt"}
+      init = (jnp.zeros((), jnp.float32), zeros(aux_shape),
+              jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+      (objective, aux, grads), fpt = jax.lax.scan(body, init, (micro, jnp.arange(n_micro)))
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+      fpt = jnp.moveaxis(fpt, 0, 1).reshape((fpt.shape[1], -1) + fpt.shape[3:])  # [L, B, S]
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    expert_bias = controller.update_expert_bias(state.expert_bias, aux["load"], c, state.step,
+                                                rate=config.controller.rate,
+                                                decay_steps=config.controller.decay_steps)
+    ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, expert_bias=expert_bias, rng=rng)
+    if config.nonfinite == "skip":
+      keep = lambda n, o: jnp.where(ok, n, o)
+      new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+                        expert_bias=jax.tree.map(keep, new.expert_bias, state.expert_bias))
+
+    n_loss, n_real, n_mtp_tokens, _ = norms
+    token_mask = (batch["segment_ids"] > 0)
+    fpt_mean, fpt_std = controller.ffn_experts_stats(fpt, token_mask)
+    metrics = dict(
+        loss=objective, nll=aux["nll_sum"] / n_loss, z_loss=aux["z_sum"] / n_real, balance_loss=aux["balance"],
+        mtp_loss=jnp.mean(aux["mtp_sums"] / jnp.maximum(n_mtp_tokens, 1.0)) if c.mtp_num_heads else
+        jnp.zeros((), jnp.float32),
+        grad_norm=grad_norm, lr=jnp.asarray(schedule(state.step), jnp.float32), tokens=n_loss,
+        nonfinite=(~ok).astype(jnp.float32), ffn_experts_mean=fpt_mean, ffn_experts_std=fpt_std,
+        expert_load=_single_leaf(aux["load"]) if c.num_ffn_experts + c.zero_experts else jnp.zeros((0,)))
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(model, config):
+  """eval_step(params, expert_bias, batch) -> mean next-token cross-entropy over the loss mask."""
+  c = config.model
+
+  def eval_step(params, expert_bias, batch):
+    hidden = model.apply({"params": params, EXPERT_BIAS: expert_bias}, batch["input_ids"], batch["positions"],
+                         batch["segment_ids"], return_hidden=True)
+    unembed = params["embed_tokens"].T if c.tie_word_embeddings else params["lm_head"]
+    nll, n = losses.next_token_nll(hidden, unembed, batch["targets"], batch["loss_mask"])
+    return nll / jnp.maximum(n, 1.0)
+
+  return eval_step

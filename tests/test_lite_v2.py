@@ -242,3 +242,113 @@ def test_longcat2_count_matches_published():
   assert abs(pc.total / 1.6e12 - 1) < 0.05
   assert abs((pc.embedding - cfg.vocab_size * cfg.hidden_size) / 135e9 - 1) < 0.02
   assert abs(pc.activated_target / 48e9 - 1) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse attention: the kernel (pallas_kernels/sparse_attention.py) and the indexer.
+
+from pallas_kernels import sparse_attention as sa  # noqa: E402
+from longcat_jax.model import sparse_attention as lsa  # noqa: E402
+
+
+def masked_dense_attention(q, k, v, indices, sm_scale):
+  """Dense MQA attention over all T keys with every key not in `indices` masked out."""
+  mask = sa.indices_to_mask(indices, k.shape[1])                       # [B, S, T]
+  s = jnp.einsum("bshd,btd->bsht", q, k) * sm_scale
+  s = jnp.where(mask[:, :, None, :], s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  p = jnp.where(mask[:, :, None, :], p, 0.0)                           # rows with no key -> 0
+  return jnp.einsum("bsht,btd->bshd", p, v)
+
+
+@pytest.fixture(scope="module")
+def sparse_problem():
+  rng = np.random.RandomState(0)
+  b, s, h, dk, dv, t, k = 2, 7, 4, 24, 16, 11, 5
+  q = jnp.asarray(rng.randn(b, s, h, dk), jnp.float32)
+  kk = jnp.asarray(rng.randn(b, t, dk), jnp.float32)
+  v = jnp.asarray(rng.randn(b, t, dv), jnp.float32)
+  idx = np.stack([np.stack([rng.permutation(t)[:k] for _ in range(s)]) for _ in range(b)]).astype(np.int32)
+  idx[0, 0, 2:] = -1          # fewer visible keys than K
+  idx[1, 3, :] = -1           # a row with no key at all
+  return q, kk, v, jnp.asarray(idx)
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret", "xla_chunked"])
+def test_sparse_attention_equals_masked_dense(sparse_problem, impl, monkeypatch):
+  q, k, v, idx = sparse_problem
+  if impl == "xla_chunked":
+    monkeypatch.setattr(sa, "XLA_CHUNK", 3)   # S = 7 -> three lax.map steps, one padded
+  f = lambda q, k, v: sa.sparse_attention(q, k, v, idx, sm_scale=0.3, block_k=2,
+                                          implementation="interpret" if impl == "interpret" else "xla")
+  want = masked_dense_attention(q, k, v, idx, 0.3)
+  got = f(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+  assert float(jnp.abs(got[1, 3]).max()) == 0.0
+  loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v) * jnp.cos(jnp.arange(16.0))))
+  g = jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v)
+  g_want = jax.grad(loss(lambda q, k, v: masked_dense_attention(q, k, v, idx, 0.3)), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g, g_want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6)
+
+
+def test_select_topk_forces_sinks_and_local_window():
+  b, s = 1, 12
+  pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+  scores = jnp.asarray(np.random.RandomState(1).randn(b, s, s), jnp.float32)
+  mask = lsa.visible_mask(pos, pos)
+  idx = np.asarray(lsa.select_topk(scores, mask, pos, pos, top_k=5, init_tokens=1, local_tokens=2))
+  for i in range(s):
+    sel = set(idx[0, i][idx[0, i] >= 0].tolist())
+    assert sel <= set(range(i + 1))                    # causal
+    assert len(sel) == min(5, i + 1)
+    assert {0, i, max(i - 1, 0)} <= sel                # sink + the local window
+    free = sorted(set(range(1, i - 1)), key=lambda t: -float(scores[0, i, t]))
+    assert sel - {0, i, i - 1} == set(free[:len(sel - {0, i, i - 1})])  # the rest by score
+
+
+def test_indexer_matches_deepseek_v32_indexer():
+  """Scores and top-k of our indexer equal transformers' DeepseekV32Indexer (k_norm as RMSNorm,
+  LongCat's `index_k_norm_type="rms"`)."""
+  from transformers import DeepseekV32Config
+  from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
+  cfg = lj.get_config("tiny", sparse_attention=dict(index_heads=4, index_dim=16, top_k=5))
+  hf_cfg = DeepseekV32Config(hidden_size=cfg.hidden_size, q_lora_rank=cfg.q_lora_rank,
+                             qk_rope_head_dim=cfg.qk_rope_head_dim, index_n_heads=4, index_head_dim=16,
+                             index_topk=5)
+  torch.manual_seed(0)
+  ref = DeepseekV32Indexer(hf_cfg, layer_idx=0).float().eval()
+  ref.k_norm = torch.nn.RMSNorm(16, eps=cfg.rms_norm_eps)
+  with torch.no_grad():
+    ref.k_norm.weight.copy_(1 + 0.1 * torch.randn(16))
+  b, s = 2, 13
+  rng = np.random.RandomState(2)
+  x = rng.randn(b, s, cfg.hidden_size).astype(np.float32)
+  q_lat = rng.randn(b, s, cfg.q_lora_rank).astype(np.float32)
+  pos = np.broadcast_to(np.arange(s), (b, s))
+  cos, sin = layers.rope_cos_sin(cfg, jnp.asarray(pos))
+  sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  params = {"wq_b": sd["wq_b.weight"].T.reshape(cfg.q_lora_rank, 4, 16), "wk": sd["wk.weight"].T,
+            "k_norm": sd["k_norm.weight"], "weights_proj": sd["weights_proj.weight"].T}
+  idx, scores = lsa.Indexer(cfg).apply({"params": params}, jnp.asarray(x), jnp.asarray(q_lat), cos, sin)
+  cos_t = torch.as_tensor(np.concatenate([np.asarray(cos)] * 2, -1))
+  sin_t = torch.as_tensor(np.concatenate([np.asarray(sin)] * 2, -1))
+  causal = torch.as_tensor(np.tril(np.ones((s, s), bool)))[None].expand(b, s, s)
+  with torch.no_grad():
+    want_idx = ref(torch.as_tensor(x), torch.as_tensor(q_lat), (cos_t, sin_t), causal, None).numpy()
+  # Recompute the reference's scores for the visible keys (DeepseekV32Indexer returns indices only).
+  with torch.no_grad():
+    q = ref.wq_b(torch.as_tensor(q_lat)).view(b, s, 4, 16)
+    k = ref.k_norm(ref.wk(torch.as_tensor(x))).unsqueeze(2)
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+    qr, kr = apply_rotary_pos_emb(q[..., :8], k[..., :8], cos_t, sin_t, unsqueeze_dim=2)
+    q, k = torch.cat([qr, q[..., 8:]], -1), torch.cat([kr, k[..., 8:]], -1).squeeze(2)
+    sc = torch.relu(torch.einsum("bshd,btd->bsht", q, k) * 16 ** -0.5)
+    w = ref.weights_proj(torch.as_tensor(x)) * 4 ** -0.5
+    want_scores = torch.einsum("bsh,bsht->bst", w, sc).numpy()
+  vis = np.asarray(np.tril(np.ones((s, s), bool)))
+  np.testing.assert_allclose(np.asarray(scores)[:, vis], want_scores[:, vis], atol=1e-5, rtol=1e-5)
+  ours = np.asarray(idx)
+  for bi in range(b):
+    for i in range(4, s):   # rows with more visible keys than top_k: same selected set
+      assert set(ours[bi, i].tolist()) == set(want_idx[bi, i].tolist())

@@ -1,0 +1,153 @@
+"""LongCat Sparse Attention: the indexer that picks, per query, the keys attention reads.
+
+DeepSeek-V3.2's lightning indexer (transformers `models/deepseek_v32`, `DeepseekV32Indexer`), with
+LongCat-2.0's changes as SGLang serves them (docs/LONGCAT2.md):
+
+    q_I   = wq_b(q_latent)              [B, S, Hi, Di]   q_latent: attn_0's normed q_a output
+    k_I   = rms_norm(wk(x))             [B, T, Di]       one key per token, shared by the Hi heads
+    (rope on the first qk_rope_head_dim dims of both, half-split convention)
+    w     = weights_proj(x) * Hi**-0.5  [B, S, Hi]       float32
+    I_st  = sum_h w_sh * relu(q_I[s, h] . k_I[t] * Di**-0.5)     causal (and same segment)
+    keep  = top_k(I_s + inf * [t < init_tokens or s - t < local_tokens])  -> [B, S, top_k], -1 = empty
+
+One indexer per ScMoE layer, computed from the first attention block's input and shared by both
+blocks (LongCat's cross-layer indexing, `cli_factor=2`). The first `init_tokens` (attention
+sinks) and the last `local_tokens` keys are always kept within the `top_k` budget (streaming-aware
+indexing). The selection has no gradient; the indexer learns from `indexer_kl_loss` (DeepSeek-V3.2:
+KL from the main attention's head-summed distribution over the selected keys to softmax(I)).
+
+`config.sparse_attention = dict(index_heads, index_dim, top_k, init_tokens=0, local_tokens=0)`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from longcat_jax.config import ConfigDict, dtype_of
+from longcat_jax.model.layers import param, rms_norm
+
+INDEX_CACHE = "cache"  # decoding: the indexer keys of the cached tokens, `cache/index_k` [B, L, Di]
+
+
+def sparse_settings(config: ConfigDict) -> dict:
+  s = dict(config.sparse_attention)
+  for f in ("index_heads", "index_dim", "top_k"):
+    if f not in s or int(s[f]) <= 0:
+      raise ValueError(f"sparse_attention.{f} must be a positive integer (have {sorted(s)})")
+  s.setdefault("init_tokens", 0)
+  s.setdefault("local_tokens", 0)
+  if s["index_dim"] < config.qk_rope_head_dim:
+    raise ValueError(f"sparse_attention.index_dim={s['index_dim']} is smaller than qk_rope_head_dim="
+                     f"{config.qk_rope_head_dim} (the indexer ropes its first qk_rope_head_dim dims)")
+  return s
+
+
+def apply_rope_half(x, cos, sin):
+  """Half-split (rotate-half) RoPE on the first 2 * cos.shape[-1] dims of x [B, S, (Hi,) Di]."""
+  r = 2 * cos.shape[-1]
+  if x.ndim == 4:
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  rot, rest = x[..., :r].astype(jnp.float32), x[..., r:]
+  x1, x2 = rot[..., :r // 2], rot[..., r // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return jnp.concatenate([out, rest], axis=-1)
+
+
+def visible_mask(q_pos, k_pos, q_seg=None, k_seg=None):
+  """[B, S, T]: key position <= query position (and the same segment)."""
+  mask = k_pos[:, None, :] <= q_pos[:, :, None]
+  if q_seg is not None:
+    mask &= q_seg[:, :, None] == k_seg[:, None, :]
+  return mask
+
+
+def select_topk(scores, mask, q_pos, k_pos, *, top_k: int, init_tokens: int = 0, local_tokens: int = 0):
+  """scores [B, S, T] f32, mask [B, S, T] -> indices [B, S, min(top_k, T)] int32, -1 for empty slots.
+
+  Visible keys among the first `init_tokens` or the last `local_tokens` positions are forced in.
+  """
+  forced = (k_pos[:, None, :] < init_tokens) | (q_pos[:, :, None] - k_pos[:, None, :] < local_tokens)
+  s = jnp.where(forced, jnp.float32(3e38), scores.astype(jnp.float32))
+  s = jnp.where(mask, s, -jnp.inf)
+  k = min(top_k, scores.shape[-1])
+  vals, idx = jax.lax.top_k(s, k)
+  return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
+
+
+class Indexer(nn.Module):
+  """Scores every visible key cheaply and keeps the top-k per query (module docstring)."""
+
+  config: ConfigDict
+
+  def setup(self):
+    c, s = self.config, sparse_settings(self.config)
+    hi, di = s["index_heads"], s["index_dim"]
+    self.wq_b = param(self, "wq_b", (c.q_lora_rank, hi, di), ("q_lora", "index_heads", "index_dim"))
+    self.wk = param(self, "wk", (c.hidden_size, di), ("embed", "index_dim"))
+    self.k_norm = param(self, "k_norm", (di,), ("norm",), nn.initializers.ones)
+    self.weights_proj = param(self, "weights_proj", (c.hidden_size, hi), ("embed", "index_heads"), dtype=jnp.float32)
+
+  def keys(self, x, cos, sin):
+    """x [B, T, hidden] -> indexer keys [B, T, Di] (normed, roped)."""
+    dt = dtype_of(self.config.dtype)
+    k = rms_norm(x @ self.wk.astype(dt), self.k_norm, self.config.rms_norm_eps)
+    return apply_rope_half(k, cos, sin)
+
+  def scores(self, x, q_latent, cos, sin, keys):
+    """Index scores I [B, S, T] float32 of queries (x, q_latent [B, S, .]) against keys [B, T, Di]."""
+    c, dt = self.config, dtype_of(self.config.dtype)
+    hi, di = self.wq_b.shape[1:]
+    q = jnp.einsum("bsr,rhd->bshd", q_latent.astype(dt), self.wq_b.astype(dt))
+    q = apply_rope_half(q, cos, sin)
+    logits = jnp.einsum("bshd,btd->bsht", q, keys, preferred_element_type=jnp.float32) * di ** -0.5
+    w = jnp.dot(x.astype(jnp.float32), self.weights_proj.astype(jnp.float32)) * hi ** -0.5
+    return jnp.einsum("bsh,bsht->bst", w, jax.nn.relu(logits))
+
+  def __call__(self, x, q_latent, cos, sin, segment_ids=None):
+    """Training / prefill: x [B, S, hidden], q_latent [B, S, q_lora] -> (indices [B, S, K], scores [B, S, S])."""
+    b, s_len = x.shape[:2]
+    st = sparse_settings(self.config)
+    pos = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
+    keys = self.keys(x, cos, sin)
+    if self.is_mutable_collection(INDEX_CACHE) and not self.is_initializing():
+      self.put_variable(INDEX_CACHE, "index_k", keys)
+    scores = self.scores(x, q_latent, cos, sin, keys)
+    mask = visible_mask(pos, pos, segment_ids, segment_ids)
+    idx = select_topk(jax.lax.stop_gradient(scores), mask, pos, pos, top_k=st["top_k"],
+                      init_tokens=st["init_tokens"], local_tokens=st["local_tokens"])
+    return idx, jnp.where(mask, scores, -jnp.inf)
+
+  def decode(self, x, q_latent, cos, sin, lengths):
+    """x [B, T, hidden] at positions lengths[b] + t: appends their keys to `cache/index_k`
+    [B, L, Di] and selects from the cache -> indices [B, T, min(top_k, L)] into cache positions."""
+    st = sparse_settings(self.config)
+    t_new = x.shape[1]
+    keys = self.keys(x, cos, sin)
+    put = lambda c, k, i: jax.lax.dynamic_update_slice_in_dim(c, k.astype(c.dtype), i, axis=0)
+    cache = jax.vmap(put)(self.get_variable(INDEX_CACHE, "index_k"), keys, lengths)
+    self.put_variable(INDEX_CACHE, "index_k", cache)
+    b, cache_len = cache.shape[:2]
+    q_pos = lengths[:, None] + jnp.arange(t_new, dtype=jnp.int32)
+    k_pos = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (b, cache_len))
+    scores = self.scores(x, q_latent, cos, sin, cache)
+    return select_topk(scores, visible_mask(q_pos, k_pos), q_pos, k_pos, top_k=st["top_k"],
+                       init_tokens=st["init_tokens"], local_tokens=st["local_tokens"])
+
+
+def indexer_kl_loss(index_scores, attn_probs, indices):
+  """DeepSeek-V3.2's indexer loss over the selected keys, mean over queries.
+
+  index_scores [B, S, T] (masked with -inf), attn_probs [B, S, K] (the main attention's
+  probabilities over the selected keys, summed over heads; no gradient), indices [B, S, K].
+  KL(p || softmax(I)) with p = attn_probs / sum.
+  """
+  valid = indices >= 0
+  sel = jnp.take_along_axis(index_scores, jnp.maximum(indices, 0), axis=-1)
+  sel = jnp.where(valid, sel, -jnp.inf)
+  log_q = jax.nn.log_softmax(sel, axis=-1)
+  p = jax.lax.stop_gradient(jnp.where(valid, attn_probs, 0.0))
+  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+  kl = jnp.where(valid & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - jnp.where(valid, log_q, 0.0)), 0.0)
+  return kl.sum(-1).mean()

@@ -5,11 +5,21 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 import pallas_kernels
 from longcat_jax.config import ConfigDict, dtype_of, qk_head_dim, softmax_scale
 from longcat_jax.model.layers import apply_rope, constrain, param, rms_norm
+
+
+CACHE = "cache"  # Flax collection of the compressed KV cache (latent + rope key per token).
+
+
+def _append(cache, new, lengths):
+  """cache [B, L, D], new [B, T, D] -> cache with new[b] written at rows lengths[b]..lengths[b]+T-1."""
+  put = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0)
+  return jax.vmap(put)(cache, new.astype(cache.dtype), lengths)
 
 
 def kernel_impl(config: ConfigDict):
@@ -79,9 +89,52 @@ class MLA(nn.Module):
 
   def __call__(self, x, cos, sin, segment_ids=None):
     """x [B, S, hidden] -> [B, S, hidden]; causal within each segment."""
-    c = self.config
+    lat, k_rope = self.latents(x, cos, sin)
+    return self._attend_expanded(x, cos, sin, lat, k_rope, segment_ids)
+
+  def prefill(self, x, cos, sin):
+    """Like `__call__` on a fresh prompt (positions 0..S-1, right-padded), and stores the
+    compressed cache: `cache/latent` [B, S, R] and `cache/k_rope` [B, S, rope]. The caller pads
+    them along S to the cache size."""
+    lat, k_rope = self.latents(x, cos, sin)
+    self.put_variable(CACHE, "latent", lat)
+    self.put_variable(CACHE, "k_rope", k_rope)
+    return self._attend_expanded(x, cos, sin, lat, k_rope, None)
+
+  def decode(self, x, cos, sin, lengths):
+    """Absorbed decoding of T new tokens against the compressed cache.
+
+    x [B, T, hidden] holds the tokens at positions lengths[b] + t (cos/sin built for them),
+    lengths [B] int32 = cached tokens per row. Appends their latents to `cache/latent`
+    [B, L, R] and `cache/k_rope` [B, L, rope], then attends without expanding the cache: the key
+    up-projection is folded into the query (q_latent = q_nope . W_uk, [B, H, R]) and the value
+    up-projection is applied to the attended latent. -> [B, T, hidden].
+    """
+    c, dt = self.config, dtype_of(self.config.dtype)
     q_nope, q_rope = self.queries(x, cos, sin)
     lat, k_rope = self.latents(x, cos, sin)
+    cache_lat = _append(self.get_variable(CACHE, "latent"), lat, lengths)
+    cache_rope = _append(self.get_variable(CACHE, "k_rope"), k_rope, lengths)
+    cache_lat = constrain(cache_lat, ("batch", None, None))
+    cache_rope = constrain(cache_rope, ("batch", None, None))
+    self.put_variable(CACHE, "latent", cache_lat)
+    self.put_variable(CACHE, "k_rope", cache_rope)
+    kv_b = self.kv_b.astype(dt)
+    w_uk, w_uv = kv_b[..., :c.qk_nope_head_dim], kv_b[..., c.qk_nope_head_dim:]
+    q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk)
+    # One kernel call per new token (T is 1, or 1 + draft tokens when verifying a speculation);
+    # token t sees the cache up to and including itself.
+    out_lat = jnp.stack([
+        pallas_kernels.mla_decode_attention(q_lat[:, t], q_rope[:, t], cache_lat, cache_rope, lengths + t + 1,
+                                            sm_scale=softmax_scale(c), implementation=kernel_impl(c),
+                                            block_k=c.attention_block_k)
+        for t in range(x.shape[1])], axis=1)
+    attn = jnp.einsum("bthr,rhd->bthd", out_lat, w_uv)
+    return self.out_proj(constrain(attn, ("batch", "length", "act_heads", None)))
+
+  def _attend_expanded(self, x, cos, sin, lat, k_rope, segment_ids):
+    c = self.config
+    q_nope, q_rope = self.queries(x, cos, sin)
     k, v = self.expand(lat, k_rope)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     out = pallas_kernels.mla_attention(q, k, v, segment_ids=segment_ids, causal=True,

@@ -42,17 +42,27 @@ class ScMoELayer(nn.Module):
   """One shortcut-connected MoE layer: 2 MLA blocks, 2 dense MLPs, 1 MoE, 4 RMSNorms."""
 
   config: ConfigDict
+  cache_mode: str | None = None  # None (training), "prefill" or "decode" (KV cache; see MLA).
 
   @nn.compact
-  def __call__(self, h, cos, sin, segment_ids):
+  def __call__(self, h, cos, sin, segment_ids, cache_lengths=None):
     c = self.config
     norm = lambda name: RMSNorm(c, c.rms_norm_eps, name=name)
+
+    def attention(name, x):
+      mla = MLA(c, name=name)
+      if self.cache_mode == "prefill":
+        return mla.prefill(x, cos, sin)
+      if self.cache_mode == "decode":
+        return mla.decode(x, cos, sin, cache_lengths)
+      return mla(x, cos, sin, segment_ids)
+
     h = constrain(h, ("batch", "length", "embed"))
-    h = h + MLA(c, name="attn_0")(norm("input_norm_0")(h), cos, sin, segment_ids)
+    h = h + attention("attn_0", norm("input_norm_0")(h))
     x = norm("post_attn_norm_0")(h)
     moe_out = checkpoint_name(MoE(c, name="moe")(x), "moe_out")
     h = h + DenseMLP(c, name="mlp_0")(x)
-    h = h + MLA(c, name="attn_1")(norm("input_norm_1")(h), cos, sin, segment_ids)
+    h = h + attention("attn_1", norm("input_norm_1")(h))
     h = h + DenseMLP(c, name="mlp_1")(norm("post_attn_norm_1")(h)) + moe_out
     return h, None
 
@@ -63,7 +73,7 @@ class Decoder(nn.Module):
   config: ConfigDict
 
   @nn.compact
-  def __call__(self, h, cos, sin, segment_ids):
+  def __call__(self, h, cos, sin, segment_ids, cache_mode=None, cache_lengths=None):
     c = self.config
     layer_cls = ScMoELayer
     if c.remat != "none":
@@ -72,11 +82,11 @@ class Decoder(nn.Module):
         layer_cls,
         variable_axes={col: 0 for col in SCANNED_COLLECTIONS},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    h, _ = scanned(c, name="layers")(h, cos, sin, segment_ids)
+    h, _ = scanned(c, cache_mode=cache_mode, name="layers")(h, cos, sin, segment_ids, cache_lengths)
     return h
 
 
@@ -145,6 +155,29 @@ class LongcatForCausalLM(nn.Module):
     ahead = [jnp.pad(input_ids, ((0, 0), (0, k)))[:, k:] for k in range(1, self.config.mtp_num_heads + 1)]
     embeds = jnp.take(self.embed_tokens, jnp.stack(ahead), axis=0).astype(dtype_of(self.config.dtype))
     return self.mtp(hidden, embeds, cos, sin, segment_ids)
+
+  def prefill(self, input_ids):
+    """Prompt forward that stores the compressed KV cache (apply with `mutable=["cache"]`).
+
+    input_ids [B, S] right-padded, at positions 0..S-1 -> final-normed hidden [B, S, hidden].
+    The `cache` collection gets, per attention block, latent [L, B, S, R] and k_rope
+    [L, B, S, rope]; `longcat_jax.inference` pads them to the cache size.
+    """
+    b, s = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return self._cached_forward(input_ids, positions, "prefill", None)
+
+  def decode(self, input_ids, lengths, ngram_context=None):
+    """input_ids [B, T] at positions lengths[b] + t (lengths [B] = tokens already cached) ->
+    final-normed hidden [B, T, hidden]; appends the tokens to the cache (absorbed MLA).
+    With n-gram embeddings, `ngram_context` [B, N-1] holds the tokens before input_ids."""
+    positions = lengths[:, None] + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+    return self._cached_forward(input_ids, positions, "decode", lengths, ngram_context)
+
+  def _cached_forward(self, input_ids, positions, cache_mode, lengths, ngram_context=None):
+    cos, sin = rope_cos_sin(self.config, positions)
+    h = constrain(self.embed(input_ids, None, ngram_context), ("batch", "length", "embed"))
+    return self.final_norm(self.decoder(h, cos, sin, None, cache_mode, lengths))
 
 
 def init_variables(model: LongcatForCausalLM, rng, batch: int = 1, seq: int = 8):

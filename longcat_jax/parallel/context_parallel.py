@@ -1,0 +1,206 @@
+"""Context parallelism: one sequence split over the `context` mesh axis (training and prefill).
+
+Activations are sharded along `length` (`("length", "context")` in the logical-axis table), so
+every device holds a contiguous chunk of S / n queries. Attention needs every earlier key, and MLA
+makes that cheap: what is all-gathered is the compressed KV (latent c and roped key, R + rope =
+576 values per token for LongCat), not the per-head keys and values (H * (192 + 128) = 20,480):
+
+    lat, k_rope = gather_sequence(lat), gather_sequence(k_rope)  # all-gather over `context`
+    k, v = expand(lat, k_rope)                                   # per device, full length
+    out = attention(q_local, k, v)                               # local queries x all keys, causal
+                                                                 # at global positions
+
+`attention` runs under `shard_map`: each device computes its query chunk against the gathered
+keys with flash-style blocks (online softmax over key blocks, stopping at the causal diagonal
+of its chunk), forward and backward in jnp under a custom VJP, so no [S, S] matrix exists. The
+key/value gradients of the chunks are summed over `context` by the shard_map transpose.
+`sparse_attention` (LongCat Sparse Attention) needs no offsets: the indexer's selected indices
+are global positions into the gathered compressed cache.
+
+Outside a `sharding.mesh_context` whose `context` axis is > 1 (or when S does not divide), the
+model takes its ordinary single-device path; `is_active` says which.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from longcat_jax.parallel import sharding
+
+CONTEXT_AXIS = "context"
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _length_axes(ctx, seq_len: int, batch: int) -> tuple[str, ...]:
+  """Mesh axes (size > 1) that shard the `length` dim of a [batch, seq] array, in order."""
+  spec = sharding.logical_to_spec(("batch", "length"), (batch, seq_len), ctx.mesh, ctx.rules)
+  axes = spec[1]
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return tuple(a for a in axes if ctx.mesh.shape[a] > 1)
+
+
+def is_active(seq_len: int, batch: int) -> bool:
+  """True inside a mesh context whose `context` axis (> 1) shards sequences of this length."""
+  ctx = sharding.current()
+  return ctx is not None and CONTEXT_AXIS in _length_axes(ctx, seq_len, batch)
+
+
+def gather_sequence(x):
+  """[B, S, ...] sharded along `length` -> replicated along it (the all-gather of the compressed KV)."""
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def _specs(ctx, q_shape, dv: int):
+  mesh, rules = ctx.mesh, ctx.rules
+  b, s, h, d = q_shape
+  spec = lambda names, shape: sharding.logical_to_spec(names, shape, mesh, rules)
+  q_spec = spec(("batch", "length", "act_heads", None), q_shape)
+  kv_spec = lambda dd: spec(("batch", None, "act_heads", None), (b, s, h, dd))
+  seg_q, seg_k = spec(("batch", "length"), (b, s)), spec(("batch", None), (b, s))
+  return q_spec, kv_spec(d), kv_spec(dv), seg_q, seg_k
+
+
+def _chunk_offset(length_axes, s_local: int):
+  """Global position of this device's first query: its linear index over the length axes * chunk."""
+  idx = 0
+  for a in length_axes:
+    idx = idx * jax.lax.axis_size(a) + jax.lax.axis_index(a)
+  return idx * s_local
+
+
+def attention(q, k, v, segment_ids=None, *, sm_scale: float, block_k: int = 512):
+  """Causal attention of length-sharded queries against all keys (see the module docstring).
+
+  q [B, S, H, Dqk] (sharded along S over `context`), k [B, S, H, Dqk], v [B, S, H, Dv] (full
+  length; the caller gathers the compressed KV first), segment_ids [B, S] | None -> [B, S, H, Dv].
+  """
+  ctx = sharding.current()
+  b, s, h, d = q.shape
+  length_axes = _length_axes(ctx, s, b)
+  q_spec, k_spec, v_spec, seg_q, seg_k = _specs(ctx, q.shape, v.shape[-1])
+  if segment_ids is None:
+    segment_ids = jnp.zeros((b, s), jnp.int32)
+
+  def local(q, k, v, sq, sk):
+    off = _chunk_offset(length_axes, q.shape[1])
+    bk = min(block_k, k.shape[1])
+    return jax.vmap(functools.partial(_flash_local, sm_scale=float(sm_scale), block_k=bk),
+                    in_axes=(0, 0, 0, 0, 0, None))(q, k, v, sq, sk, off)
+
+  return jax.shard_map(local, mesh=ctx.mesh, in_specs=(q_spec, k_spec, v_spec, seg_q, seg_k),
+                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, segment_ids)
+
+
+def sparse_attention(q, k, v, indices, *, sm_scale: float, implementation=None, block_k: int = 64):
+  """`pallas_kernels.sparse_attention` with q [B, S, H, Dk] and indices [B, S, K] sharded along S,
+  k [B, T, Dk], v [B, T, Dv] gathered (indices are global positions, so no offsets)."""
+  from pallas_kernels.sparse_attention import sparse_attention as sparse_op
+  ctx = sharding.current()
+  b, s, h, dk = q.shape
+  spec = lambda names, shape: sharding.logical_to_spec(names, shape, ctx.mesh, ctx.rules)
+  q_spec = spec(("batch", "length", "act_heads", None), q.shape)
+  idx_spec = spec(("batch", "length", None), indices.shape)
+  kv = lambda x: spec(("batch", None, None), x.shape)
+  fn = functools.partial(sparse_op, sm_scale=sm_scale, implementation=implementation, block_k=block_k)
+  return jax.shard_map(lambda q, k, v, i: fn(q, k, v, i), mesh=ctx.mesh,
+                       in_specs=(q_spec, kv(k), kv(v), idx_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v, indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per device: a query chunk at global offset `off` against all keys (one batch row).
+
+
+def _pad_keys(k, v, sk, block_k):
+  t = k.shape[0]
+  pad = -t % block_k
+  if pad:
+    k = jnp.pad(k, ((0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
+    sk = jnp.pad(sk, (0, pad), constant_values=-1)
+  return k, v, sk
+
+
+def _num_blocks(off, sq: int, t: int, block_k: int):
+  """Key blocks up to the causal diagonal of the chunk's last query."""
+  return jnp.minimum(-(-(off + sq) // block_k), -(-t // block_k))
+
+
+def _block_scores(q, kj, sq_ids, skj, off, j, sm_scale, block_k):
+  """q [Sq, H, D], kj [bk, H, D] -> scores [H, Sq, bk] f32 (masked) and the mask [Sq, bk]."""
+  s = jnp.einsum("qhd,khd->hqk", q, kj, preferred_element_type=jnp.float32) * sm_scale
+  q_pos = off + jnp.arange(q.shape[0])
+  k_pos = j * block_k + jnp.arange(kj.shape[0])
+  mask = (k_pos[None, :] <= q_pos[:, None]) & (sq_ids[:, None] == skj[None, :])
+  return jnp.where(mask[None], s, MASK_VALUE), mask
+
+
+def _fwd(q, k, v, sq, sk, off, sm_scale, block_k):
+  k, v, sk = _pad_keys(k, v, sk, block_k)
+  n_q, h = q.shape[:2]
+
+  def body(j, carry):
+    acc, m, l = carry
+    kj, vj = (jax.lax.dynamic_slice_in_dim(x, j * block_k, block_k) for x in (k, v))
+    s, mask = _block_scores(q, kj, sq, jax.lax.dynamic_slice_in_dim(sk, j * block_k, block_k), off, j,
+                            sm_scale, block_k)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask[None], jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    l = l * corr + p.sum(-1)
+    acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p.astype(vj.dtype), vj,
+                                             preferred_element_type=jnp.float32)
+    return acc, m_new, l
+
+  init = (jnp.zeros((h, n_q, v.shape[-1]), jnp.float32), jnp.full((h, n_q), MASK_VALUE, jnp.float32),
+          jnp.zeros((h, n_q), jnp.float32))
+  acc, m, l = jax.lax.fori_loop(0, _num_blocks(off, n_q, k.shape[0], block_k), body, init)
+  l = jnp.where(l > 0, l, 1.0)
+  out = jnp.transpose(acc / l[..., None], (1, 0, 2)).astype(q.dtype)   # [Sq, H, Dv]
+  return out, m + jnp.log(l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash_local(q, k, v, sq, sk, off, sm_scale, block_k):
+  return _fwd(q, k, v, sq, sk, off, sm_scale, block_k)[0]
+
+
+def _flash_local_fwd(q, k, v, sq, sk, off, sm_scale, block_k):
+  out, lse = _fwd(q, k, v, sq, sk, off, sm_scale, block_k)
+  return out, (q, k, v, sq, sk, off, out, lse)
+
+
+def _flash_local_bwd(sm_scale, block_k, res, do):
+  q, k, v, sq, sk, off, out, lse = res
+  t = k.shape[0]
+  kp, vp, skp = _pad_keys(k, v, sk, block_k)
+  do_h = jnp.transpose(do, (1, 0, 2)).astype(jnp.float32)                 # [H, Sq, Dv]
+  delta = jnp.einsum("qhd,qhd->hq", out.astype(jnp.float32), do.astype(jnp.float32))
+
+  def body(j, carry):
+    dq, dk, dv = carry
+    kj, vj = (jax.lax.dynamic_slice_in_dim(x, j * block_k, block_k) for x in (kp, vp))
+    s, mask = _block_scores(q, kj, sq, jax.lax.dynamic_slice_in_dim(skp, j * block_k, block_k), off, j,
+                            sm_scale, block_k)
+    p = jnp.where(mask[None], jnp.exp(s - lse[..., None]), 0.0)            # [H, Sq, bk]
+    dvj = jnp.einsum("hqk,hqd->khd", p, do_h)
+    dp = jnp.einsum("hqd,khd->hqk", do_h, vj.astype(jnp.float32))
+    ds = p * (dp - delta[..., None]) * sm_scale
+    dq = dq + jnp.einsum("hqk,khd->qhd", ds, kj.astype(jnp.float32))
+    dkj = jnp.einsum("hqk,qhd->khd", ds, q.astype(jnp.float32))
+    dk = jax.lax.dynamic_update_slice_in_dim(dk, dkj, j * block_k, axis=0)
+    dv = jax.lax.dynamic_update_slice_in_dim(dv, dvj, j * block_k, axis=0)
+    return dq, dk, dv
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(kp.shape, jnp.float32), jnp.zeros(vp.shape, jnp.float32))
+  dq, dk, dv = jax.lax.fori_loop(0, _num_blocks(off, q.shape[0], kp.shape[0], block_k), body, init)
+  return (dq.astype(q.dtype), dk[:t].astype(k.dtype), dv[:t].astype(v.dtype), None, None, None)
+
+
+_flash_local.defvjp(_flash_local_fwd, _flash_local_bwd)
+

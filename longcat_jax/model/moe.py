@@ -88,5 +88,6 @@ class MoE(nn.Module):
     w_up = param(self, "w_up", (n, hdim, i), ("exp", "embed", "expert_mlp"))
     w_down = param(self, "w_down", (n, i, hdim), ("exp", "expert_mlp", "embed"))
     from longcat_jax.parallel import expert_parallel  # late import: parallel imports model types
-    out = expert_parallel.experts(xt, weights, indices, ffn_counts, w_gate, w_up, w_down, config=c)
+    out = expert_parallel.experts(xt, weights, indices, ffn_counts, w_gate, w_up, w_down, config=c,
+                                  batch_shape=(b, s))
     return constrain(out.reshape(b, s, hdim), ("batch", "length", "embed"))

@@ -352,3 +352,72 @@ def test_indexer_matches_deepseek_v32_indexer():
   for bi in range(b):
     for i in range(4, s):   # rows with more visible keys than top_k: same selected set
       assert set(ours[bi, i].tolist()) == set(want_idx[bi, i].tolist())
+
+
+def sparse_tiny(top_k, **overrides):
+  kw = dict(sparse_attention=dict(index_heads=2, index_dim=16, top_k=top_k, init_tokens=1, local_tokens=2),
+            kernels="xla")
+  kw.update(overrides)
+  return lj.get_config("tiny", **kw)
+
+
+def _ce_and_grads(model, variables, ids, seg=None):
+  def loss(params):
+    logits = model.apply({**variables, "params": params}, ids[:, :-1], None, None if seg is None else seg[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean(), logits
+  (l, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  return l, logits, g
+
+
+def test_sparse_model_with_large_top_k_equals_dense():
+  """top_k >= S: every visible key is selected, so the sparse (absorbed, gathered) layers equal the
+  dense MLA layers, forward and backward; the indexer gets no gradient from the LM loss."""
+  sparse = lj.LongcatForCausalLM(sparse_tiny(top_k=32))
+  dense = lj.LongcatForCausalLM(lj.get_config("tiny", kernels="xla"))
+  variables = random_variables(sparse, seed=7)
+  layers_p = variables["params"]["decoder"]["layers"]
+  assert set(layers_p["indexer"]) == {"wq_b", "wk", "k_norm", "weights_proj"}
+  dense_vars = {**variables, "params": {**variables["params"], "decoder": {"layers": {
+      k: v for k, v in layers_p.items() if k != "indexer"}}}}
+  ids = jnp.asarray(np.random.RandomState(8).randint(0, 320, (2, 21)))
+  seg = jnp.asarray(np.repeat([[1] * 12 + [2] * 9], 2, axis=0))
+  l_s, logits_s, g_s = _ce_and_grads(sparse, variables, ids, seg)
+  l_d, logits_d, g_d = _ce_and_grads(dense, dense_vars, ids, seg)
+  np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits_d), atol=2e-5)
+  assert float(l_s) == pytest.approx(float(l_d), rel=1e-5)
+  g_idx = g_s["decoder"]["layers"].pop("indexer")
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g_idx))
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_s)[0], jax.tree.leaves(g_d)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-3, err_msg=jax.tree_util.keystr(path))
+
+
+def test_sparse_decode_selects_from_cache_like_prefill():
+  """With top_k < S, decoding token by token over the compressed cache (indexer keys cached too)
+  gives the full forward's logits: the same keys are selected from the cache."""
+  from longcat_jax.inference.cache import pad_cache
+  from longcat_jax.model.attention import CACHE
+  cfg = sparse_tiny(top_k=4)
+  model = lj.LongcatForCausalLM(cfg)
+  variables = random_variables(model, seed=9)
+  ids = jnp.asarray(np.random.RandomState(10).randint(0, 320, (2, 14)))
+  full = jax.jit(model.apply)(variables, ids)
+  n_prompt = 6
+  prefill = jax.jit(lambda v, t: model.apply(v, t, method="prefill", mutable=[CACHE]))
+  hidden, state = prefill(variables, ids[:, :n_prompt])
+  assert state[CACHE]["decoder"]["layers"]["indexer"]["index_k"].shape == (cfg.num_layers, 2, n_prompt, 16)
+  cache = pad_cache(state[CACHE], 16)
+  decode = jax.jit(lambda v, c, t, n: model.apply({**v, CACHE: c}, t, n, method="decode", mutable=[CACHE]))
+  got = [model.apply(variables, hidden, method="logits")]
+  lengths = jnp.full((2,), n_prompt, jnp.int32)
+  for p in range(n_prompt, ids.shape[1]):
+    h, state = decode(variables, cache, ids[:, p:p + 1], lengths)
+    cache, lengths = state[CACHE], lengths + 1
+    got.append(model.apply(variables, h, method="logits"))
+  got = np.concatenate([np.asarray(g) for g in got], axis=1)
+  np.testing.assert_allclose(got, np.asarray(full), atol=2e-5)
+  # And the selection really is sparse: a dense model's logits differ.
+  dense_vars = {**variables, "params": {**variables["params"], "decoder": {"layers": {
+      k: v for k, v in variables["params"]["decoder"]["layers"].items() if k != "indexer"}}}}
+  dense = lj.LongcatForCausalLM(lj.get_config("tiny", kernels="xla"))
+  assert float(jnp.abs(jax.jit(dense.apply)(dense_vars, ids) - full).max()) > 1e-3

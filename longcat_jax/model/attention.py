@@ -58,11 +58,15 @@ class MLA(nn.Module):
     c = self.config
     return math.sqrt(c.hidden_size / c.kv_lora_rank) if c.mla_scale_kv_lora else 1.0
 
+  def q_latent(self, x):
+    """x [B, S, hidden] -> normed query latent [B, S, q_lora_rank] (also the sparse indexer's input)."""
+    dt = dtype_of(self.config.dtype)
+    return rms_norm(x @ self.q_a.astype(dt), self.q_a_norm, self.config.latent_norm_eps)
+
   def queries(self, x, cos, sin):
     """x [B, S, hidden] -> q_nope [B, S, H, nope], q_rope [B, S, H, rope] (scaled, rotated)."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    q = rms_norm(x @ self.q_a.astype(dt), self.q_a_norm, c.latent_norm_eps)
-    q = jnp.einsum("bsr,rhd->bshd", q, self.q_b.astype(dt)) * jnp.asarray(self.q_scale, dt)
+    q = jnp.einsum("bsr,rhd->bshd", self.q_latent(x), self.q_b.astype(dt)) * jnp.asarray(self.q_scale, dt)
     q = constrain(q, ("batch", "length", "act_heads", None))
     q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
     return q_nope, apply_rope(q_rope, cos, sin)
@@ -87,21 +91,26 @@ class MLA(nn.Module):
     """attn [B, S, H, v] -> [B, S, hidden]."""
     return jnp.einsum("bshd,hde->bse", attn, self.o.astype(dtype_of(self.config.dtype)))
 
-  def __call__(self, x, cos, sin, segment_ids=None):
-    """x [B, S, hidden] -> [B, S, hidden]; causal within each segment."""
+  def __call__(self, x, cos, sin, segment_ids=None, indices=None):
+    """x [B, S, hidden] -> [B, S, hidden]; causal within each segment. `indices` [B, S, K]: the
+    sparse indexer's selected keys (LongCat Sparse Attention); None = dense attention."""
     lat, k_rope = self.latents(x, cos, sin)
+    if indices is not None:
+      return self._attend_sparse(x, cos, sin, lat, k_rope, indices)
     return self._attend_expanded(x, cos, sin, lat, k_rope, segment_ids)
 
-  def prefill(self, x, cos, sin):
+  def prefill(self, x, cos, sin, indices=None):
     """Like `__call__` on a fresh prompt (positions 0..S-1, right-padded), and stores the
     compressed cache: `cache/latent` [B, S, R] and `cache/k_rope` [B, S, rope]. The caller pads
     them along S to the cache size."""
     lat, k_rope = self.latents(x, cos, sin)
     self.put_variable(CACHE, "latent", lat)
     self.put_variable(CACHE, "k_rope", k_rope)
+    if indices is not None:
+      return self._attend_sparse(x, cos, sin, lat, k_rope, indices)
     return self._attend_expanded(x, cos, sin, lat, k_rope, None)
 
-  def decode(self, x, cos, sin, lengths):
+  def decode(self, x, cos, sin, lengths, indices=None):
     """Absorbed decoding of T new tokens against the compressed cache.
 
     x [B, T, hidden] holds the tokens at positions lengths[b] + t (cos/sin built for them),
@@ -119,6 +128,8 @@ class MLA(nn.Module):
     cache_rope = constrain(cache_rope, ("batch", None, None))
     self.put_variable(CACHE, "latent", cache_lat)
     self.put_variable(CACHE, "k_rope", cache_rope)
+    if indices is not None:  # sparse: indices [B, T, K] select cache positions
+      return self._attend_sparse(x, cos, sin, cache_lat, cache_rope, indices)
     kv_b = self.kv_b.astype(dt)
     w_uk, w_uv = kv_b[..., :c.qk_nope_head_dim], kv_b[..., c.qk_nope_head_dim:]
     q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk)
@@ -142,3 +153,20 @@ class MLA(nn.Module):
                                        block_q=c.attention_block_q, block_k=c.attention_block_k)
     out = constrain(out, ("batch", "length", "act_heads", None))
     return self.out_proj(out)
+
+  def _attend_sparse(self, x, cos, sin, lat, k_rope, indices):
+    """Absorbed MLA over the indexer-selected keys: scores q_nope . W_uk c_j + q_rope . r_j, output
+    W_uv sum_j p_j c_j, so keys are the shared [latent | rope] rows (MQA form, no expansion).
+
+    lat [B, T, R], k_rope [B, T, rope] (T = S, or the cache), indices [B, S, K] into T.
+    """
+    c, dt = self.config, dtype_of(self.config.dtype)
+    q_nope, q_rope = self.queries(x, cos, sin)
+    kv_b = self.kv_b.astype(dt)
+    w_uk, w_uv = kv_b[..., :c.qk_nope_head_dim], kv_b[..., c.qk_nope_head_dim:]
+    q = jnp.concatenate([jnp.einsum("bshd,rhd->bshr", q_nope, w_uk), q_rope], axis=-1)
+    k = jnp.concatenate([lat, k_rope.astype(lat.dtype)], axis=-1)
+    from longcat_jax.model import sparse_attention  # late import (import cycle via longcat_jax.model)
+    out = sparse_attention.attend(q, k, lat, indices, config=c)
+    attn = jnp.einsum("bshr,rhd->bshd", out, w_uv)
+    return self.out_proj(constrain(attn, ("batch", "length", "act_heads", None)))

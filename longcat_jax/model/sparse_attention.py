@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from longcat_jax.config import ConfigDict, dtype_of
+from longcat_jax.config import ConfigDict, dtype_of, softmax_scale
 from longcat_jax.model.layers import param, rms_norm
 
 INDEX_CACHE = "cache"  # decoding: the indexer keys of the cached tokens, `cache/index_k` [B, L, Di]
@@ -119,6 +119,12 @@ class Indexer(nn.Module):
                       init_tokens=st["init_tokens"], local_tokens=st["local_tokens"])
     return idx, jnp.where(mask, scores, -jnp.inf)
 
+  def select(self, x, q_latent, cos, sin, segment_ids=None, cache_mode=None, lengths=None):
+    """The selected keys [B, S, K] for the layer's attention blocks, in the model's cache mode."""
+    if cache_mode == "decode":
+      return self.decode(x, q_latent, cos, sin, lengths)
+    return self(x, q_latent, cos, sin, segment_ids)[0]
+
   def decode(self, x, q_latent, cos, sin, lengths):
     """x [B, T, hidden] at positions lengths[b] + t: appends their keys to `cache/index_k`
     [B, L, Di] and selects from the cache -> indices [B, T, min(top_k, L)] into cache positions."""
@@ -134,6 +140,13 @@ class Indexer(nn.Module):
     scores = self.scores(x, q_latent, cos, sin, cache)
     return select_topk(scores, visible_mask(q_pos, k_pos), q_pos, k_pos, top_k=st["top_k"],
                        init_tokens=st["init_tokens"], local_tokens=st["local_tokens"])
+
+
+def attend(q, k, v, indices, *, config: ConfigDict):
+  """MLA's call of the sparse attention op: q [B, S, H, R + rope], k [B, T, R + rope], v [B, T, R]."""
+  from pallas_kernels.sparse_attention import sparse_attention
+  impl = None if config.kernels == "auto" else config.kernels
+  return sparse_attention(q, k, v, indices, sm_scale=softmax_scale(config), implementation=impl)
 
 
 def indexer_kl_loss(index_scores, attn_probs, indices):

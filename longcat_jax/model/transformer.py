@@ -27,6 +27,7 @@ from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param, rms_no
 from longcat_jax.model.moe import EXPERT_BIAS, EXPERT_LOAD, MoE
 from longcat_jax.model.mtp import MTPHead
 from longcat_jax.model.ngram import NgramEmbedding
+from longcat_jax.model.sparse_attention import Indexer
 
 # Collections carried per layer through the scan (stacked on axis 0).
 SCANNED_COLLECTIONS = ("params", EXPERT_BIAS, EXPERT_LOAD, "intermediates", "cache")
@@ -49,13 +50,21 @@ class ScMoELayer(nn.Module):
     c = self.config
     norm = lambda name: RMSNorm(c, c.rms_norm_eps, name=name)
 
+    # LongCat Sparse Attention: one indexer per layer picks the keys for both attention blocks,
+    # computed from attn_0's input (config.sparse_attention; see model/sparse_attention.py).
+    indexer = Indexer(c, name="indexer") if c.sparse_attention is not None else None
+    selected = []
+
     def attention(name, x):
       mla = MLA(c, name=name)
+      if indexer is not None and not selected:
+        selected.append(indexer.select(x, mla.q_latent(x), cos, sin, segment_ids, self.cache_mode, cache_lengths))
+      indices = selected[0] if selected else None
       if self.cache_mode == "prefill":
-        return mla.prefill(x, cos, sin)
+        return mla.prefill(x, cos, sin, indices=indices)
       if self.cache_mode == "decode":
-        return mla.decode(x, cos, sin, cache_lengths)
-      return mla(x, cos, sin, segment_ids)
+        return mla.decode(x, cos, sin, cache_lengths, indices=indices)
+      return mla(x, cos, sin, segment_ids, indices=indices)
 
     h = constrain(h, ("batch", "length", "embed"))
     h = h + attention("attn_0", norm("input_norm_0")(h))

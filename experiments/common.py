@@ -138,6 +138,97 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Training runs (through the trainer: `longcat_jax.train.trainer.run`).
+
+RUNS_DIR = os.environ.get("LONGCAT_RUNS_DIR", os.path.join(ROOT, "runs", "experiments"))
+
+# The CPU-sized model of the experiments: the `tiny` preset (hidden 64, 2 ScMoE layers, 8 FFN + 4
+# zero experts, top-3, target 2) with the byte vocabulary rounded up to 320.
+SMALL_MODEL = dict(vocab_size=320)
+
+
+def train_config(preset: str = "tiny", *, model: dict | None = None, **fields):
+  """A trainer config (`longcat_jax.train.get_train_config`) with the experiments' defaults:
+  batch 16 x 128 tokens, 300 steps, WSD schedule, one checkpoint at the end, no sample.
+
+  `model` overrides model fields; other keyword arguments are training fields, with dotted
+  sub-fields written as `optimizer__lr=1e-3` (double underscore for the dot).
+  """
+  from longcat_jax.train import get_train_config
+  c = get_train_config(preset)
+  c.model.update(SMALL_MODEL if preset == "tiny" else {})
+  c.model.update(model or {})
+  c.total_steps = 300
+  c.batch_size = 16
+  c.seq_len = 128
+  c.optimizer.lr = 3e-3
+  c.optimizer.warmup_steps = 30
+  c.sample_tokens = 0
+  c.async_checkpoint = False
+  c.keep_checkpoints = 1
+  c.data.cache_dir = DATA_DIR
+  for key, value in fields.items():
+    *path, last = key.split("__")
+    target = c
+    for p in path:
+      target = target[p]
+    if last not in target:
+      raise ValueError(f"training config has no field {key.replace('__', '.')!r}")
+    target[last] = value
+  c.checkpoint_every = c.total_steps
+  return c
+
+
+class Run:
+  """A finished training run: its config, per-step metrics and (on demand) final weights."""
+
+  def __init__(self, config, workdir: str, summary: dict | None = None):
+    from longcat_jax.train.metrics import read_metrics
+    self.config, self.workdir, self.summary = config, workdir, summary or {}
+    self.metrics = read_metrics(workdir)
+    if not self.metrics:
+      raise FileNotFoundError(f"{workdir}: the run wrote no metrics.jsonl")
+
+  def curve(self, key: str) -> np.ndarray:
+    """Per-step values of a logged metric ([steps] or [steps, ...] for arrays)."""
+    return np.asarray([m[key] for m in self.metrics])
+
+  @property
+  def steps(self) -> np.ndarray:
+    return self.curve("step")
+
+  @property
+  def model(self):
+    from longcat_jax.model import LongcatForCausalLM
+    return LongcatForCausalLM(self.config.model)
+
+  def variables(self, step: int | None = None) -> dict:
+    """{"params", "expert_bias"} of the checkpoint at `step` (default: the last)."""
+    from longcat_jax.train.checkpoint import Checkpointer
+    from longcat_jax.train.step import abstract_train_state
+    ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), async_save=False)
+    state, _, _ = ckpt.restore(abstract_train_state(self.model, self.config), step)
+    ckpt.close()
+    return {"params": state.params, "expert_bias": state.expert_bias}
+
+
+def train(config, name: str, *, fresh: bool = True, quiet: bool = True) -> Run:
+  """Trains `config` with the trainer in RUNS_DIR/<name> (wiped first unless `fresh=False`, in
+  which case a finished run there is reused) and returns the Run."""
+  import shutil
+  from longcat_jax.train import trainer
+  workdir = os.path.join(RUNS_DIR, name)
+  if fresh and os.path.exists(workdir):
+    shutil.rmtree(workdir)
+  t = Timer()
+  log = (lambda msg: print(f"  [{name}] {msg}", flush=True) if msg.startswith(("trained", "grown")) else None) \
+      if quiet else (lambda msg: print(f"  [{name}] {msg}", flush=True))
+  summary = trainer.run(config, workdir, progress=False, log=log)
+  summary["wall_seconds"] = t()
+  return Run(config, workdir, summary)
+
+
+# ----------------------------------------------------------------------------------------------
 # Results.
 
 
@@ -205,14 +296,26 @@ def tail_mean(x, frac: float = 0.1) -> float:
 # Command line.
 
 
-def parser(description: str, scales: dict) -> argparse.ArgumentParser:
-  """--scale (a key of `scales`), --smoke (a few steps), --out-suffix."""
+def parse_args(description: str, scales: dict):
+  """--scale (a key of `scales`), --smoke (a few steps; results and runs go under RUNS_DIR/smoke),
+  --tag (suffix of the result names). Returns (args, the chosen scale's dict, result name suffix)."""
+  global RESULTS_DIR, RUNS_DIR
   p = argparse.ArgumentParser(description=description)
-  p.add_argument("--scale", default="small", choices=sorted(scales),
+  p.add_argument("--scale", default="small", choices=sorted(k for k in scales if k != "smoke"),
                  help="experiment size; 'small' is the 2-core CPU setting quoted in RESULTS.md")
   p.add_argument("--smoke", action="store_true", help="a few steps only (tests)")
   p.add_argument("--tag", default="", help="suffix of the result file names")
-  return p
+  args = p.parse_args()
+  if args.smoke:
+    RUNS_DIR = os.path.join(RUNS_DIR, "smoke")
+    RESULTS_DIR = os.path.join(RUNS_DIR, "results")
+  suffix = (f"_{args.scale}" if args.scale != "small" else "") + (f"_{args.tag}" if args.tag else "")
+  return args, scales["smoke" if args.smoke else args.scale], suffix
+
+
+def summary_line(name: str, out: dict) -> str:
+  claims = ", ".join(f"{k}={'HELD' if v else 'NOT HELD'}" for k, v in out.get("claims", {}).items())
+  return f"{name}: {claims} ({out.get('wall_seconds', 0):.0f}s); numbers in {results_path(name + '.json')}"
 
 
 class Timer:

@@ -1,13 +1,19 @@
 """Ordered-implementation dispatch, one small registry per op (the tokamax idea).
 
-An op holds implementations in preference order. `implementation=None` ("auto") tries them in
-order on the platform the computation runs on; the first that does not raise
-`NotImplementedError` wins, and the XLA reference is always last. `"pallas"` tries only Pallas
-implementations (compiled for the backend), `"interpret"` runs the Pallas implementations in
-interpret mode (the simulated-device mode: any CPU), `"xla"` runs the pure-jnp path.
+An op holds implementations in preference order: Pallas kernels first (in registration order),
+then XLA paths (in registration order, the exact reference last). Each implementation may raise
+`NotImplementedError` for shapes or platforms it cannot do; the next one is tried.
 
-    @topk_route_op.register("triton", kind="pallas", platforms=("gpu",))
-    def _topk_route_triton(logits, bias, ..., interpret=False): ...
+`implementation=` on every public entry point:
+  None / "auto"  the platform the computation runs on decides: compiled kernels registered for it,
+                 then the XLA paths. On CPU only the XLA paths (Pallas on CPU is interpret-only).
+  "pallas"       only Pallas kernels registered for this platform, compiled (Triton / Mosaic).
+  "interpret"    the Pallas kernels in interpret mode, whatever their platform (tests on CPU).
+  "xla"          only the pure-jnp paths.
+
+    op = Op("topk_route")
+    op.register("triton", kind="pallas", platforms=("gpu",))(topk_route_pallas)  # fn(..., interpret=bool)
+    op.register("xla", kind="xla")(topk_route_reference)
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ def current_platform() -> str:
   return "gpu" if p in ("cuda", "rocm") else p
 
 
-@dataclasses.dataclass
-class _Impl:
+@dataclasses.dataclass(frozen=True)
+class Implementation:
   name: str
   fn: Callable
-  kind: str  # "pallas" | "xla"
+  kind: str  # "pallas" (called with interpret=bool) | "xla"
   platforms: tuple[str, ...] | None  # None = any platform
+
+  def runs_on(self, platform: str) -> bool:
+    return self.platforms is None or platform in self.platforms
 
 
 class Op:
@@ -39,39 +48,48 @@ class Op:
 
   def __init__(self, name: str):
     self.name = name
-    self.impls: list[_Impl] = []
+    self.impls: list[Implementation] = []
 
   def register(self, name: str, *, kind: str, platforms: Sequence[str] | None = None):
+    """Decorator adding `fn` after the implementations of its kind registered so far."""
     if kind not in ("pallas", "xla"):
       raise ValueError(f"{self.name}: kind must be 'pallas' or 'xla', got {kind!r}")
+    if any(i.name == name for i in self.impls):
+      raise ValueError(f"{self.name}: an implementation named {name!r} is already registered")
 
     def deco(fn):
-      impl = _Impl(name, fn, kind, tuple(platforms) if platforms else None)
-      # XLA references go last so that auto prefers kernels.
-      if kind == "xla":
+      impl = Implementation(name, fn, kind, tuple(platforms) if platforms else None)
+      if kind == "xla":  # XLA paths go last so that auto prefers kernels.
         self.impls.append(impl)
       else:
-        n_pallas = sum(i.kind == "pallas" for i in self.impls)
-        self.impls.insert(n_pallas, impl)
+        self.impls.insert(sum(i.kind == "pallas" for i in self.impls), impl)
       return fn
 
     return deco
 
-  def candidates(self, implementation: str | None, platform: str | None = None) -> list[tuple[_Impl, bool]]:
+  def get(self, name: str) -> Implementation:
+    """One implementation by name (tests call a specific kernel this way)."""
+    for impl in self.impls:
+      if impl.name == name:
+        return impl
+    raise KeyError(f"{self.name}: no implementation {name!r}; registered: {[i.name for i in self.impls]}")
+
+  def candidates(self, implementation: str | None,
+                 platform: str | None = None) -> list[tuple[Implementation, bool]]:
     """(impl, interpret) pairs to try, in order."""
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"{self.name}: implementation={implementation!r} must be one of "
                        "None, 'auto', 'pallas', 'interpret', 'xla'")
     platform = platform or current_platform()
-    ok = lambda i: i.platforms is None or platform in i.platforms
     if implementation == "xla":
       return [(i, False) for i in self.impls if i.kind == "xla"]
     if implementation == "interpret":
       return [(i, True) for i in self.impls if i.kind == "pallas"]
     if implementation == "pallas":
-      return [(i, False) for i in self.impls if i.kind == "pallas" and ok(i)]
+      return [(i, False) for i in self.impls if i.kind == "pallas" and i.runs_on(platform)]
     # auto: compiled kernels for this platform (never on CPU: the XLA path is faster there), then XLA.
-    return [(i, False) for i in self.impls if ok(i) and (i.kind == "xla" or platform != "cpu")]
+    return [(i, False) for i in self.impls
+            if i.runs_on(platform) and (i.kind == "xla" or platform != "cpu")]
 
   def __call__(self, *args, implementation: str | None = None, **kwargs):
     tried = []
@@ -84,4 +102,4 @@ class Op:
         tried.append(f"{impl.name}: {e}")
     raise NotImplementedError(
         f"{self.name}: no implementation accepted implementation={implementation!r} on platform "
-        f"{current_platform()!r}; tried: {tried or 'none registered'}")
+        f"{current_platform()!r}; tried: {tried or 'none registered for this mode and platform'}")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from longcat_jax.config import ConfigDict, dtype_of, qk_head_dim, softmax_scale
 from longcat_jax.model.layers import apply_rope, constrain, param, rms_norm
+from longcat_jax.parallel import context_parallel
 
 
 CACHE = "cache"  # Flax collection of the compressed KV cache (latent + rope key per token).
@@ -146,11 +147,19 @@ class MLA(nn.Module):
   def _attend_expanded(self, x, cos, sin, lat, k_rope, segment_ids):
     c = self.config
     q_nope, q_rope = self.queries(x, cos, sin)
+    # Context parallelism (sequence split over the `context` mesh axis): all-gather the compressed
+    # KV (R + rope values per token), expand on every device, attend the local queries to it.
+    cp = context_parallel.is_active(x.shape[1], x.shape[0])
+    if cp:
+      lat, k_rope = context_parallel.gather_sequence(lat), context_parallel.gather_sequence(k_rope)
     k, v = self.expand(lat, k_rope)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
-    out = pallas_kernels.mla_attention(q, k, v, segment_ids=segment_ids, causal=True,
-                                       sm_scale=softmax_scale(c), implementation=kernel_impl(c),
-                                       block_q=c.attention_block_q, block_k=c.attention_block_k)
+    if cp:
+      out = context_parallel.attention(q, k, v, segment_ids, sm_scale=softmax_scale(c), block_k=c.attention_block_k)
+    else:
+      out = pallas_kernels.mla_attention(q, k, v, segment_ids=segment_ids, causal=True,
+                                         sm_scale=softmax_scale(c), implementation=kernel_impl(c),
+                                         block_q=c.attention_block_q, block_k=c.attention_block_k)
     out = constrain(out, ("batch", "length", "act_heads", None))
     return self.out_proj(out)
 

@@ -110,7 +110,8 @@ class Indexer(nn.Module):
     b, s_len = x.shape[:2]
     st = sparse_settings(self.config)
     pos = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
-    keys = self.keys(x, cos, sin)
+    # Every query scores every earlier key: under context parallelism the keys are all-gathered.
+    keys = nn.with_logical_constraint(self.keys(x, cos, sin), ("batch", None, None))
     if self.is_mutable_collection(INDEX_CACHE) and not self.is_initializing():
       self.put_variable(INDEX_CACHE, "index_k", keys)
     scores = self.scores(x, q_latent, cos, sin, keys)
@@ -143,9 +144,19 @@ class Indexer(nn.Module):
 
 
 def attend(q, k, v, indices, *, config: ConfigDict):
-  """MLA's call of the sparse attention op: q [B, S, H, R + rope], k [B, T, R + rope], v [B, T, R]."""
+  """MLA's call of the sparse attention op: q [B, S, H, R + rope], k [B, T, R + rope], v [B, T, R].
+
+  When the sequence is split over the `context` mesh axis (training/prefill), the compressed keys
+  are all-gathered and each device attends its own queries (indices are global positions).
+  """
   from pallas_kernels.sparse_attention import sparse_attention
+  from longcat_jax.parallel import context_parallel
   impl = None if config.kernels == "auto" else config.kernels
+  b, s = q.shape[:2]
+  if k.shape[1] == s and context_parallel.is_active(s, b):
+    k, v = context_parallel.gather_sequence(k), context_parallel.gather_sequence(v)
+    return context_parallel.sparse_attention(q, k, v, indices, sm_scale=softmax_scale(config),
+                                             implementation=impl)
   return sparse_attention(q, k, v, indices, sm_scale=softmax_scale(config), implementation=impl)
 
 

@@ -222,15 +222,33 @@ def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
                      "the reference uses head_dim as the RoPE dimension, so they must agree")
   c.mla_scale_q_lora = bool(hf.get("mla_scale_q_lora", True))
   c.mla_scale_kv_lora = bool(hf.get("mla_scale_kv_lora", True))
-  if "ngram_vocab_size_ratio" in hf:
+  if hf.get("ngram_vocab_size_ratio"):
     c.ngram_embedding = dict(vocab_size_ratio=hf["ngram_vocab_size_ratio"],
                              neighbor_num=hf.get("emb_neighbor_num", 4), split_num=hf.get("emb_split_num", 4))
-  c.mtp_num_heads = int(hf.get("num_nextn_predict_layers", 0) or 0)
+  _from_hf_longcat2(c, hf)
+  c.mtp_num_heads = int(hf.get("mtp_num_layers") or hf.get("num_nextn_predict_layers", 0) or 0)
   c.target_ffn_experts = min(c.target_ffn_experts, float(c.top_k))
   c.moe_block_size = min(c.moe_block_size, 64)
   for k, v in overrides.items():
     c[k] = v
   return c
+
+
+def _from_hf_longcat2(c: ConfigDict, hf: dict) -> None:
+  """LongCat-2.0 fields (SGLang's LongcatFlashProConfig names): `oe_*` n-gram embeddings and the
+  LongCat Sparse Attention indexer (docs/LONGCAT2.md)."""
+  if hf.get("oe_vocab_size_ratio") and hf.get("use_oe_embedding", True) is not False and c.ngram_embedding is None:
+    c.ngram_embedding = dict(vocab_size_ratio=hf["oe_vocab_size_ratio"], neighbor_num=hf.get("oe_neighbor_num", 5),
+                             split_num=hf.get("oe_split_num", 4))
+  if hf.get("use_longcat_dsa"):
+    if hf.get("index_k_norm_type", "rms") != "rms":
+      raise ValueError(f"config.json: index_k_norm_type={hf['index_k_norm_type']!r} is not supported (only 'rms')")
+    if hf.get("cli_factor", 2) != 2:
+      raise ValueError(f"config.json: cli_factor={hf['cli_factor']} is not supported: the indexer is shared by "
+                       "the 2 attention blocks of a ScMoE layer (cli_factor=2)")
+    c.sparse_attention = dict(index_heads=int(hf.get("index_n_heads", 32)), index_dim=int(hf.get("index_head_dim", 128)),
+                              top_k=int(hf.get("index_topk", 2048)), init_tokens=int(hf.get("index_init_tokens") or 0),
+                              local_tokens=int(hf.get("index_local_tokens") or 0))
 
 
 def to_hf_config(c: ConfigDict) -> dict:
@@ -255,6 +273,11 @@ def to_hf_config(c: ConfigDict) -> dict:
     hf["ngram_vocab_size_ratio"] = c.ngram_embedding["vocab_size_ratio"]
     hf["emb_neighbor_num"] = c.ngram_embedding["neighbor_num"]
     hf["emb_split_num"] = c.ngram_embedding["split_num"]
+  if c.sparse_attention is not None:
+    s = c.sparse_attention
+    hf.update(use_longcat_dsa=True, index_n_heads=s["index_heads"], index_head_dim=s["index_dim"],
+              index_topk=s["top_k"], index_init_tokens=s.get("init_tokens", 0),
+              index_local_tokens=s.get("local_tokens", 0), index_k_norm_type="rms", cli_factor=2)
   return hf
 
 

@@ -421,3 +421,36 @@ def test_sparse_decode_selects_from_cache_like_prefill():
       k: v for k, v in variables["params"]["decoder"]["layers"].items() if k != "indexer"}}}}
   dense = lj.LongcatForCausalLM(lj.get_config("tiny", kernels="xla"))
   assert float(jnp.abs(jax.jit(dense.apply)(dense_vars, ids) - full).max()) > 1e-3
+
+
+def test_indexer_and_longcat2_config_roundtrip(tmp_path):
+  """Indexer weights under `self_attn.0.indexer.*` (DeepSeek-V3.2 names) and the LongCat-2.0
+  config.json fields (SGLang's LongcatFlashProConfig) map both ways."""
+  cfg = sparse_tiny(top_k=4, ngram_embedding=dict(vocab_size_ratio=2.5, neighbor_num=3, split_num=2))
+  model = lj.LongcatForCausalLM(cfg)
+  variables = random_variables(model, seed=11)
+  lj.save_pretrained(str(tmp_path), model, variables)
+  from safetensors import safe_open
+  with safe_open(str(tmp_path / "model.safetensors"), "numpy") as f:
+    assert f.get_slice("model.layers.1.self_attn.0.indexer.wq_b.weight").get_shape() == [2 * 16, cfg.q_lora_rank]
+    assert f.get_slice("model.layers.0.self_attn.0.indexer.weights_proj.weight").get_shape() == [2, cfg.hidden_size]
+  model2, variables2 = lj.load_pretrained(str(tmp_path), config_overrides=dict(kernels="xla"))
+  assert dict(model2.config.sparse_attention) == dict(cfg.sparse_attention)
+  a, b = variables["params"]["decoder"]["layers"]["indexer"], variables2["params"]["decoder"]["layers"]["indexer"]
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k], np.float32), np.asarray(b[k], np.float32))
+  # A LongCat-2.0 config.json (field names of SGLang's LongcatFlashProConfig).
+  hf = dict(vocab_size=163840, hidden_size=8192, num_layers=38, num_attention_heads=64, n_routed_experts=768,
+            zero_expert_num=128, moe_topk=12, expert_ffn_hidden_size=2048, ffn_hidden_size=12288,
+            routed_scaling_factor=9.0, ngram_vocab_size_ratio=None, oe_vocab_size_ratio=100.567, oe_neighbor_num=5,
+            oe_split_num=4, use_longcat_dsa=True, index_n_heads=32, index_head_dim=128, index_topk=2048,
+            index_init_tokens=16, index_local_tokens=1024, index_k_norm_type="rms", cli_factor=2,
+            num_nextn_predict_layers=1, mtp_num_layers=3)
+  c2 = config_lib.from_hf_config(hf)
+  want = lj.get_config("longcat2")
+  for f in ("vocab_size", "hidden_size", "num_layers", "num_ffn_experts", "zero_experts", "mtp_num_heads"):
+    assert c2[f] == want[f], f
+  assert dict(c2.ngram_embedding) == dict(want.ngram_embedding)
+  assert dict(c2.sparse_attention) == dict(want.sparse_attention)
+  with pytest.raises(ValueError, match="index_k_norm_type"):
+    config_lib.from_hf_config({**hf, "index_k_norm_type": "layernorm"})

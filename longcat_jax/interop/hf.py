@@ -79,6 +79,8 @@ def _leaves(c: ConfigDict) -> list[Leaf]:
     leaves.append(Leaf("params", ("lm_head",), "lm_head.weight", _t, _t))
   if c.ngram_embedding is not None:
     leaves += _ngram_leaves(c)
+  if c.sparse_attention is not None:
+    leaves += _indexer_leaves(c)
   lay = ("decoder", "layers")
   pre = "model.layers.{l}."
   for i in (0, 1):
@@ -163,6 +165,23 @@ def _ngram_leaves(c: ConfigDict) -> list[Leaf]:
              _t, _t),
     ]
   return leaves
+
+
+def _indexer_leaves(c: ConfigDict) -> list[Leaf]:
+  """The sparse-attention indexer of each layer, in the first attention block (LongCat-2.0 as
+  SGLang loads it: `model.layers.{l}.self_attn.0.indexer.{wq_b,wk,k_norm,weights_proj}.weight`,
+  DeepSeek-V3.2's indexer names; docs/LONGCAT2.md)."""
+  from longcat_jax.model.sparse_attention import sparse_settings
+  s = sparse_settings(c)
+  hi, di = s["index_heads"], s["index_dim"]
+  pre, ind = "model.layers.{l}.self_attn.0.indexer.", ("decoder", "layers", "indexer")
+  return [
+      Leaf("params", ind + ("wq_b",), pre + "wq_b.weight", lambda w: _t(w).reshape(w.shape[1], hi, di),
+           lambda w: w.reshape(w.shape[0], -1).T.copy(), True),
+      Leaf("params", ind + ("wk",), pre + "wk.weight", _t, _t, True),
+      Leaf("params", ind + ("k_norm",), pre + "k_norm.weight", _ident, _ident, True),
+      Leaf("params", ind + ("weights_proj",), pre + "weights_proj.weight", _t, _t, True),
+  ]
 
 
 def _instances(leaf: Leaf, c: ConfigDict) -> Iterator[tuple[tuple[int, ...], str]]:

@@ -71,7 +71,8 @@ def token_stats_fn(model):
 
   loss [B, S] float32 next-token cross-entropy (nats) at each position, mask [B, S] (loss_mask),
   ffn_experts [L, B, S] FFN experts chosen per token per layer, expert_load [L, N+Z], types [B, S],
-  hidden_norm [B, S] L2 norm of the last-layer hidden state before the final norm.
+  hidden_norm / hidden_max_abs [B, S] L2 norm / max |z_i| of the last layer's hidden state z
+  (before the final norm).
   """
   import jax
   import jax.numpy as jnp
@@ -87,7 +88,8 @@ def token_stats_fn(model):
     hidden = state["intermediates"]["decoder"]["__call__"][0]
     return dict(loss=loss, ffn_experts=moe["ffn_experts_per_token"][0],
                 expert_load=state["expert_load"]["decoder"]["layers"]["moe"]["router"],
-                hidden_norm=jnp.linalg.norm(hidden.astype(jnp.float32), axis=-1))
+                hidden_norm=jnp.linalg.norm(hidden.astype(jnp.float32), axis=-1),
+                hidden_max_abs=jnp.max(jnp.abs(hidden.astype(jnp.float32)), axis=-1))
 
   def stats(variables, batch):
     v = {k: variables[k] for k in ("params", "expert_bias") if k in variables}
@@ -141,6 +143,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 # Training runs (through the trainer: `longcat_jax.train.trainer.run`).
 
 RUNS_DIR = os.environ.get("LONGCAT_RUNS_DIR", os.path.join(ROOT, "runs", "experiments"))
+# Persistent XLA cache shared by the runs of an experiment (identical programs compile once).
+XLA_CACHE_DIR = os.environ.get("LONGCAT_XLA_CACHE", os.path.join(RUNS_DIR, "xla_cache"))
 
 # The CPU-sized model of the experiments: the `tiny` preset (hidden 64, 2 ScMoE layers, 8 FFN + 4
 # zero experts, top-3, target 2) with the byte vocabulary rounded up to 320.
@@ -167,6 +171,7 @@ def train_config(preset: str = "tiny", *, model: dict | None = None, **fields):
   c.async_checkpoint = False
   c.keep_checkpoints = 1
   c.data.cache_dir = DATA_DIR
+  c.compilation_cache = XLA_CACHE_DIR
   for key, value in fields.items():
     *path, last = key.split("__")
     target = c
@@ -225,6 +230,44 @@ def train(config, name: str, *, fresh: bool = True, quiet: bool = True) -> Run:
       if quiet else (lambda msg: print(f"  [{name}] {msg}", flush=True))
   summary = trainer.run(config, workdir, progress=False, log=log)
   summary["wall_seconds"] = t()
+  return Run(config, workdir, summary)
+
+
+def load_run(workdir: str) -> Run:
+  """A trainer run directory (metrics.jsonl + checkpoints/) with the config stored in its checkpoint."""
+  import json as json_lib
+  from longcat_jax.train.checkpoint import Checkpointer
+  from longcat_jax.train.config import ConfigDict
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: not a trainer run "
+                            "(python experiments/train.py --workdir DIR writes one)")
+  ckpt = Checkpointer(path, async_save=False)
+  try:
+    meta = ckpt.read_meta()
+  finally:
+    ckpt.close()
+  return Run(ConfigDict(json_lib.loads(meta["config"])), workdir)
+
+
+def notebook_run(smoke: bool) -> Run:
+  """The trained model the notebooks look at.
+
+  $LONGCAT_CHECKPOINT (a trainer run directory) if set; else `experiments/configs/default.py`
+  (its `smoke` variant when `smoke`) trained with the trainer in $LONGCAT_NOTEBOOK_WORKDIR
+  (default runs/notebooks/<variant>); a finished run there is reused, not retrained.
+  """
+  if os.environ.get("LONGCAT_CHECKPOINT"):
+    return load_run(os.environ["LONGCAT_CHECKPOINT"])
+  from experiments.configs import default
+  from longcat_jax.train import trainer
+  variant = "smoke" if smoke else ""
+  config = default.get_config(variant)
+  config.sample_tokens = 0
+  config.data.cache_dir = DATA_DIR
+  root = os.environ.get("LONGCAT_NOTEBOOK_WORKDIR", os.path.join(ROOT, "runs", "notebooks"))
+  workdir = os.path.join(root, variant or "default")
+  summary = trainer.run(config, workdir, progress=False, log=lambda m: print(m) if m.startswith(("trained", "already")) else None)
   return Run(config, workdir, summary)
 
 
@@ -315,12 +358,34 @@ def parse_args(description: str, scales: dict):
 
 def summary_line(name: str, out: dict) -> str:
   claims = ", ".join(f"{k}={'HELD' if v else 'NOT HELD'}" for k, v in out.get("claims", {}).items())
-  return f"{name}: {claims} ({out.get('wall_seconds', 0):.0f}s); numbers in {results_path(name + '.json')}"
+  return (f"{name}: {claims} (wall {out.get('wall_seconds', 0):.0f}s, cpu {out.get('cpu_seconds', 0):.0f}s); "
+          f"numbers in {results_path(name + '.json')}")
 
 
 class Timer:
+  """Wall seconds since creation (`timer()`), plus CPU seconds of this process and its children
+  (`timer.cpu()`) and the 1-minute load average (`timer.load()`): on a shared machine the CPU
+  time is the better measure of what the experiment costs."""
+
   def __init__(self):
     self.t0 = time.time()
+    self.c0 = self._cpu()
+
+  @staticmethod
+  def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
   def __call__(self) -> float:
     return time.time() - self.t0
+
+  def cpu(self) -> float:
+    return self._cpu() - self.c0
+
+  @staticmethod
+  def load() -> float:
+    return os.getloadavg()[0]
+
+  def record(self) -> dict:
+    return dict(wall_seconds=self(), cpu_seconds=self.cpu(), load_average_1min_at_end=self.load(),
+                cpu_cores=os.cpu_count())

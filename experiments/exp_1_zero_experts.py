@@ -92,7 +92,7 @@ def main():
       claims=dict(lower_loss_at_equal_compute=bool(gap > spread),
                   compute_varies_per_token=bool(float(np.std(k_tok[mask])) > 0.1),
                   harder_tokens_get_more_compute=bool(rho > 0.05)),
-      wall_seconds=timer())
+      **timer.record())
 
   # Figure.
   fig, ax = common.figure(2, 2)

@@ -19,7 +19,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 def test_there_are_notebooks():
   names = {os.path.basename(p) for p in NOTEBOOKS}
-  assert {"model_anatomy.ipynb", "routing_explorer.ipynb"} <= names, names
+  assert {"model_anatomy.ipynb", "routing_explorer.ipynb", "generation.ipynb"} <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -31,10 +31,17 @@ def test_committed_without_outputs(path):
           f"{os.path.basename(path)} cell {i} has outputs: strip them before committing")
 
 
+@pytest.fixture(scope="module")
+def notebook_workdir(tmp_path_factory):
+  """One directory for the module: the notebooks share the briefly trained model they train."""
+  return tmp_path_factory.mktemp("notebooks")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path, monkeypatch, tmp_path):
+def test_notebook_executes(path, monkeypatch, notebook_workdir):
   monkeypatch.setenv("LONGCAT_NOTEBOOK_SMOKE", "1")
-  monkeypatch.setenv("LONGCAT_NOTEBOOK_WORKDIR", str(tmp_path))  # checkpoints etc. go here
+  monkeypatch.setenv("LONGCAT_NOTEBOOK_WORKDIR", str(notebook_workdir))
+  monkeypatch.delenv("LONGCAT_CHECKPOINT", raising=False)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   nb = nbformat.read(path, as_version=4)

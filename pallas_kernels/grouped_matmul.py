@@ -3,8 +3,8 @@
 `grouped_matmul(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]`: rows of `lhs` are sorted
 by group; rows `sum(group_sizes[:g]) .. + group_sizes[g]` are multiplied by `rhs[g]`; rows past
 `sum(group_sizes)` give zeros (they hold tokens routed to zero experts, which cost nothing).
-Empty groups are allowed. Every implementation has a custom VJP:
-dlhs = grouped_matmul(dy, rhs^T) and drhs[g] = lhs_g^T dy_g ("tgmm").
+Empty groups are allowed. The Pallas and XLA-CPU paths carry custom VJPs,
+dlhs = grouped_matmul(dy, rhs^T) and drhs[g] = lhs_g^T dy_g ("tgmm"); ragged_dot has JAX's own.
 
 Implementations, in dispatch order:
   "triton" (Pallas, GPU; also the interpret-mode kernel). Work items are (row tile, group) pairs in

@@ -23,10 +23,11 @@ Implementations, in dispatch order:
   "triton" (Pallas, GPU; also the interpret-mode kernel). Forward grid (B, H, S/block_q), one
       query block per program looping over key blocks; backward = two kernels: dk/dv with grid
       (B, H, S/block_k) looping over query blocks from the causal diagonal, dq with grid
-      (B, H, S/block_q). Custom VJP; delta is a jnp reduction. S is padded to a multiple of the
-      blocks (padded keys masked, padded queries sliced off, their cotangent is zero). Triton
-      needs power-of-two tiles: the head dims are handled as power-of-two column chunks
-      (192 = 128 + 64, MLA's nope | rope split) instead of being padded to 256.
+      (B, H, S/block_q). Custom VJP; delta is a jnp reduction. Compiled, tiles are capped at
+      128 x 64 (TRITON_MAX_BLOCK_Q/K); interpret mode uses the requested blocks. S is padded to a
+      multiple of the blocks (padded keys masked and skipped, padded queries sliced off: their
+      cotangent is zero). Triton needs power-of-two tiles: the head dims are handled as
+      power-of-two column chunks (192 = 128 + 64, MLA's nope | rope split), not padded to 256.
   "xla_chunked" (jnp; any backend, S > 1024 only, else NotImplementedError so that short
       sequences take the exact dense path): the same algorithm with `lax.map` over query blocks
       and `lax.fori_loop` over key blocks, vmapped over batch and heads, forward and backward
@@ -53,6 +54,10 @@ mla_attention_op = Op("mla_attention")
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(MASK - m) = 0, never NaN
 CHUNKED_MIN_SEQ = 1024  # the chunked XLA path takes sequences longer than this
+# Compiled Triton tiles are capped here (the config's 512 x 512 suits the chunked XLA path, but a
+# 512 x 192 query tile plus 512 x 512 f32 scores does not fit one SM); interpret mode honours the
+# requested blocks. FlashAttention-2's Triton kernels use 128 x 64 forward tiles.
+TRITON_MAX_BLOCK_Q, TRITON_MAX_BLOCK_K = 128, 64
 
 
 def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
@@ -376,6 +381,8 @@ def mla_attention_pallas(q, k, v, *, segment_ids=None, causal=True, sm_scale=Non
                          block_k=512, interpret=False):
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
+  if not interpret:
+    block_q, block_k = min(block_q, TRITON_MAX_BLOCK_Q), min(block_k, TRITON_MAX_BLOCK_K)
   qp, kp, vp, seg, cfg = _padded_problem(q, k, v, segment_ids, block_q, block_k, causal, sm_scale,
                                          interpret)
   if not interpret and any(b != pl.next_power_of_2(b) or b < 16 for b in (cfg.block_q, cfg.block_k)):

@@ -14,8 +14,9 @@ Implementations, in dispatch order:
       (B, num_splits); a program holds all H heads' queries ([H, R] is the M side of the matmul,
       as in FlashMLA) and runs the online softmax over its blocks, stopping at lengths[b]
       (blocks past the length are never read). It writes its unnormalised partial output
-      [H, R], running max and sum; a jnp epilogue merges the splits by log-sum-exp. L is padded
-      to a multiple of block_k (a copy of the cache: allocate caches in multiples of block_k).
+      [H, R], running max and sum; a jnp epilogue merges the splits by log-sum-exp. Compiled, the
+      cache tile is capped at 64 positions (TRITON_MAX_BLOCK_K). L is padded to a multiple of
+      block_k (a copy of the cache: allocate caches in multiples of block_k).
   "xla" the reference below: dense [B, H, L] scores.
 """
 
@@ -32,6 +33,7 @@ from pallas_kernels.mla_attention import MASK_VALUE, _dot_nt, _online_softmax_st
 from pallas_kernels.registry import Op
 
 mla_decode_op = Op("mla_decode_attention")
+TRITON_MAX_BLOCK_K = 64  # compiled: a [64, 512] cache tile (FlashMLA's block); interpret: as asked
 
 
 def mla_decode_attention(q_latent, q_rope, cache_latent, cache_rope, lengths, *, sm_scale: float,
@@ -86,6 +88,8 @@ def _decode_kernel(len_ref, ql_ref, qr_ref, cl_ref, cr_ref, acc_ref, m_ref, l_re
 def mla_decode_pallas(q_latent, q_rope, cache_latent, cache_rope, lengths, *, sm_scale, block_k=512,
                       num_splits=None, interpret=False):
   (b, h, r), dr, length = q_latent.shape, q_rope.shape[-1], cache_latent.shape[1]
+  if not interpret:
+    block_k = min(block_k, TRITON_MAX_BLOCK_K)
   bk = min(block_k, pl.next_power_of_2(length))
   if not interpret and (bk != pl.next_power_of_2(bk) or bk < 16):
     raise NotImplementedError(f"triton needs a power-of-two block_k >= 16, got {bk}")

@@ -18,8 +18,8 @@ Implementations, in dispatch order:
       bias -inf and are never chosen), k to a power of two and tokens to a multiple of block_t.
       Gradient: custom VJP whose backward is the softmax VJP written in jnp (elementwise, fused by
       XLA): with g = d loss/d weights and g_full [T, E] = g * scale scattered to the chosen
-      experts, dlogits = p * (g_full - sum_j g_j w_j). Same formula as autodiff of the reference. No TPU kernel: on TPU the
-      XLA path runs (routing is a small fraction of an MoE layer).
+      experts, dlogits = p * (g_full - sum_j g_j w_j), the formula autodiff gives the reference.
+      No TPU kernel: on TPU the XLA path runs (routing is a small fraction of an MoE layer).
   "xla" the reference below: `lax.top_k`, autodiff through `take_along_axis`.
 """
 

@@ -18,11 +18,12 @@ Implementations, in dispatch order:
       its heads per program (the heads are the rows of the matmul, as in FlashMLA's sparse decode);
       a loop over blocks of `block_k` selected indices gathers their key/value rows and folds them
       into an online softmax. Dk is split into power-of-two column chunks (576 = 512 + 64) for
-      Triton. Backward: the custom VJP differentiates the XLA path (recomputed; no Pallas backward
-      kernel yet).
-  "xla" (jnp, any backend): gathers [K, Dk] keys per query and does a dense softmax over them; for
-      S > `XLA_CHUNK` queries it runs `lax.map` over query blocks so that the gathered keys stay
-      O(block * K * Dk). It is the definition the tests hold the kernel to.
+      Triton. Backward: the XLA path's backward (no Pallas backward kernel yet).
+  "xla" (jnp, any backend): gathers [K, Dk] keys per query and does a dense softmax over them,
+      `XLA_CHUNK` queries at a time (`lax.map`), so the gathered keys stay O(chunk * K * Dk).
+      Custom VJP: the backward recomputes each chunk's probabilities from the saved log-sum-exp
+      and scatter-adds dk, dv at the gathered rows (never O(S * K * Dk) residuals).
+`sparse_attention_reference` is the plain-jnp definition (autodiff), for tests.
 """
 
 from __future__ import annotations
@@ -66,43 +67,117 @@ def indices_to_mask(indices, num_keys: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# XLA path (the definition).
+# XLA path: gathered keys, query chunks, custom VJP with a chunked recompute backward.
 
 
-def _gathered_attention(q, k, v, indices, sm_scale):
-  """One batch row: q [S, H, Dk], k [T, Dk], v [T, Dv], indices [S, K] -> [S, H, Dv]."""
+def _gather_rows(x, indices):
+  """x [T, D], indices [..., K] (-1 = none) -> rows [..., K, D] (row 0 for empty slots), valid mask."""
   valid = indices >= 0
-  idx = jnp.where(valid, indices, 0)
-  kg, vg = jnp.take(k, idx, axis=0), jnp.take(v, idx, axis=0)        # [S, K, D]
-  s = jnp.einsum("shd,skd->shk", q, kg, preferred_element_type=jnp.float32) * sm_scale
+  return jnp.take(x, jnp.where(valid, indices, 0), axis=0), valid
+
+
+def _chunk_fwd(q, k, v, indices, sm_scale):
+  """One batch row, one query chunk: q [c, H, Dk], k [T, Dk], v [T, Dv], indices [c, K]
+  -> out [c, H, Dv], lse [c, H] (0 for rows without keys)."""
+  kg, valid = _gather_rows(k, indices)
+  vg, _ = _gather_rows(v, indices)
+  s = jnp.einsum("chd,ckd->chk", q, kg, preferred_element_type=jnp.float32) * sm_scale
   s = jnp.where(valid[:, None, :], s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.max(s, axis=-1)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(l > 0, l, 1.0)
-  return jnp.einsum("shk,skd->shd", p.astype(v.dtype), vg, preferred_element_type=jnp.float32).astype(q.dtype)
+  p = jnp.exp(s - m[..., None])
+  l = jnp.sum(p, axis=-1)
+  safe_l = jnp.where(l > 0, l, 1.0)
+  out = jnp.einsum("chk,ckd->chd", (p / safe_l[..., None]).astype(v.dtype), vg, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype), jnp.where(l > 0, m + jnp.log(safe_l), 0.0)
+
+
+def _chunks(x, chunk):
+  """[B, S, ...] -> [n, B, chunk, ...] (S padded to a multiple of chunk; indices pad with -1)."""
+  s = x.shape[1]
+  pad = -s % chunk
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=-1 if x.dtype == jnp.int32 else 0)
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x, s):
+  """[n, B, chunk, ...] -> [B, S, ...]."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :s]
+
+
+def _xla_fwd(q, k, v, indices, sm_scale, chunk):
+  s = q.shape[1]
+  one = jax.vmap(functools.partial(_chunk_fwd, sm_scale=sm_scale))
+  if s <= chunk:
+    return one(q, k, v, indices)
+  out, lse = jax.lax.map(lambda xs: one(xs[0], k, v, xs[1]), (_chunks(q, chunk), _chunks(indices, chunk)))
+  return _unchunk(out, s), _unchunk(lse, s)
+
+
+def _xla_bwd(q, k, v, indices, out, lse, do, sm_scale, chunk):
+  """Recomputes each query chunk's probabilities from lse; dk, dv are scatter-added at the
+  gathered rows, so memory is O(chunk * K * D) beyond the inputs."""
+  delta = jnp.einsum("bshd,bshd->bsh", out.astype(jnp.float32), do.astype(jnp.float32))
+  s = q.shape[1]
+  c = min(chunk, s)
+  xs = tuple(_chunks(a, c) for a in (q, indices, do, lse, delta))
+
+  def row(k, v, q, idx, do, lse, delta):  # one batch row, scanned over its query chunks
+    def step(carry, x):
+      dk, dv = carry
+      qi, ii, doi, lsei, di = x
+      kg, valid = _gather_rows(k, ii)
+      vg, _ = _gather_rows(v, ii)
+      sc = jnp.einsum("chd,ckd->chk", qi, kg, preferred_element_type=jnp.float32) * sm_scale
+      p = jnp.where(valid[:, None, :], jnp.exp(sc - lsei[..., None]), 0.0)
+      dof = doi.astype(jnp.float32)
+      dvg = jnp.einsum("chk,chd->ckd", p, dof)
+      ds = p * (jnp.einsum("chd,ckd->chk", dof, vg.astype(jnp.float32)) - di[..., None]) * sm_scale
+      dq = jnp.einsum("chk,ckd->chd", ds, kg.astype(jnp.float32))
+      dkg = jnp.einsum("chk,chd->ckd", ds, qi.astype(jnp.float32))
+      flat = jnp.where(valid, ii, 0).reshape(-1)
+      keep = valid.reshape(-1, 1)
+      dk = dk.at[flat].add(jnp.where(keep, dkg.reshape(flat.shape[0], -1), 0.0))
+      dv = dv.at[flat].add(jnp.where(keep, dvg.reshape(flat.shape[0], -1), 0.0))
+      return (dk, dv), dq
+
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    (dk, dv), dq = jax.lax.scan(step, init, (q, idx, do, lse, delta))
+    return dk, dv, dq
+
+  per_row = lambda a: jnp.moveaxis(a, 1, 0)  # [n, B, ...] -> [B, n, ...]
+  dk, dv, dq = jax.vmap(row)(k, v, *(per_row(a) for a in xs))
+  dq = _unchunk(jnp.moveaxis(dq, 1, 0), s)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sparse_xla(q, k, v, indices, sm_scale, chunk):
+  return _xla_fwd(q, k, v, indices, sm_scale, chunk)[0]
+
+
+def _sparse_xla_fwd(q, k, v, indices, sm_scale, chunk):
+  out, lse = _xla_fwd(q, k, v, indices, sm_scale, chunk)
+  return out, (q, k, v, indices, out, lse)
+
+
+def _sparse_xla_bwd(sm_scale, chunk, res, do):
+  q, k, v, indices, out, lse = res
+  return (*_xla_bwd(q, k, v, indices, out, lse, do, sm_scale, chunk), None)
+
+
+_sparse_xla.defvjp(_sparse_xla_fwd, _sparse_xla_bwd)
 
 
 @sparse_attention_op.register("xla", kind="xla")
-def sparse_attention_reference(q, k, v, indices, *, sm_scale, block_k=None):
-  s = q.shape[1]
-  one = functools.partial(_gathered_attention, sm_scale=sm_scale)
-  if s <= XLA_CHUNK:
-    return jax.vmap(one)(q, k, v, indices)
-  pad = -s % XLA_CHUNK
-  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  ip = jnp.pad(indices, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
-  n = (s + pad) // XLA_CHUNK
+def sparse_attention_xla(q, k, v, indices, *, sm_scale, block_k=None):
+  return _sparse_xla(q, k, v, indices, float(sm_scale), XLA_CHUNK)
 
-  def block(i):
-    qi = jax.lax.dynamic_slice_in_dim(qp, i * XLA_CHUNK, XLA_CHUNK, axis=1)
-    ii = jax.lax.dynamic_slice_in_dim(ip, i * XLA_CHUNK, XLA_CHUNK, axis=1)
-    return jax.vmap(one)(qi, k, v, ii)
 
-  out = jax.lax.map(block, jnp.arange(n))                              # [n, B, chunk, H, Dv]
-  out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * XLA_CHUNK, *out.shape[3:])
-  return out[:, :s]
+def sparse_attention_reference(q, k, v, indices, *, sm_scale):
+  """The definition, plain jnp (autodiff): gathered keys and a dense softmax over them."""
+  return jax.vmap(lambda q, k, v, i: _chunk_fwd(q, k, v, i, sm_scale)[0])(q, k, v, indices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +261,8 @@ def _sparse_pallas_fwd(q, k, v, indices, cfg):
 
 def _sparse_pallas_bwd(cfg, res, do):
   q, k, v, indices = res
-  _, vjp = jax.vjp(lambda q, k, v: sparse_attention_reference(q, k, v, indices, sm_scale=cfg.sm_scale), q, k, v)
-  return (*vjp(do), None)
+  out, lse = _xla_fwd(q, k, v, indices, cfg.sm_scale, XLA_CHUNK)  # recomputed (the kernel keeps no lse)
+  return (*_xla_bwd(q, k, v, indices, out, lse, do, cfg.sm_scale, XLA_CHUNK), None)
 
 
 _sparse_pallas.defvjp(_sparse_pallas_fwd, _sparse_pallas_bwd)

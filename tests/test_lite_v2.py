@@ -307,6 +307,22 @@ def test_select_topk_forces_sinks_and_local_window():
     assert sel - {0, i, i - 1} == set(free[:len(sel - {0, i, i - 1})])  # the rest by score
 
 
+def test_chunked_selection_equals_whole(monkeypatch):
+  """Query blocks (lax.map) and the head-by-head score sum select the same keys as one pass."""
+  rng = np.random.RandomState(4)
+  b, s, hi, di = 2, 37, 3, 8
+  q, keys = jnp.asarray(rng.randn(b, s, hi, di), jnp.float32), jnp.asarray(rng.randn(b, s, di), jnp.float32)
+  w = jnp.asarray(rng.randn(b, s, hi), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+  seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 17], b, axis=0))
+  kw = dict(top_k=6, init_tokens=1, local_tokens=2)
+  whole = lsa.select_keys(q, w, keys, pos, pos, seg, seg, block_q=64, **kw)
+  monkeypatch.setattr(lsa, "SCORE_BLOCK_ELEMENTS", 1)
+  chunked = lsa.select_keys(q, w, keys, pos, pos, seg, seg, block_q=8, **kw)
+  np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+  assert (np.asarray(whole)[:, 25] >= 20).all()  # query 25 sees only its own segment (keys 20..25)
+
+
 def test_indexer_matches_deepseek_v32_indexer():
   """Scores and top-k of our indexer equal transformers' DeepseekV32Indexer (k_norm as RMSNorm,
   LongCat's `index_k_norm_type="rms"`)."""
@@ -330,7 +346,10 @@ def test_indexer_matches_deepseek_v32_indexer():
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   params = {"wq_b": sd["wq_b.weight"].T.reshape(cfg.q_lora_rank, 4, 16), "wk": sd["wk.weight"].T,
             "k_norm": sd["k_norm.weight"], "weights_proj": sd["weights_proj.weight"].T}
-  idx, scores = lsa.Indexer(cfg).apply({"params": params}, jnp.asarray(x), jnp.asarray(q_lat), cos, sin)
+  indexer = lsa.Indexer(cfg)
+  idx = indexer.apply({"params": params}, jnp.asarray(x), jnp.asarray(q_lat), cos, sin)
+  scores = indexer.apply({"params": params}, jnp.asarray(x), jnp.asarray(q_lat), cos, sin,
+                         method=lambda m, x, q, c, s: m.scores(x, q, c, s, m.keys(x, c, s)))
   cos_t = torch.as_tensor(np.concatenate([np.asarray(cos)] * 2, -1))
   sin_t = torch.as_tensor(np.concatenate([np.asarray(sin)] * 2, -1))
   causal = torch.as_tensor(np.tril(np.ones((s, s), bool)))[None].expand(b, s, s)

@@ -16,7 +16,8 @@ sinks) and the last `local_tokens` keys are always kept within the `top_k` budge
 indexing). The selection has no gradient; the indexer learns from `indexer_kl_loss` (DeepSeek-V3.2:
 KL from the main attention's head-summed distribution over the selected keys to softmax(I)).
 
-`config.sparse_attention = dict(index_heads, index_dim, top_k, init_tokens=0, local_tokens=0)`.
+`config.sparse_attention = dict(index_heads, index_dim, top_k, init_tokens=0, local_tokens=0,
+[block_q=256])`; `block_q` queries are indexed at a time, so memory is O(block_q * S), not O(S^2).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from longcat_jax.config import ConfigDict, dtype_of, softmax_scale
 from longcat_jax.model.layers import param, rms_norm
 
 INDEX_CACHE = "cache"  # decoding: the indexer keys of the cached tokens, `cache/index_k` [B, L, Di]
+SCORE_BLOCK_ELEMENTS = 2**26  # above this many [S, Hi, T] logits the scores are summed head by head
 
 
 def sparse_settings(config: ConfigDict) -> dict:
@@ -76,6 +78,47 @@ def select_topk(scores, mask, q_pos, k_pos, *, top_k: int, init_tokens: int = 0,
   return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
 
 
+def index_scores(q, w, keys):
+  """I [B, S, T] f32 = sum_h w[b, s, h] relu(q[b, s, h] . keys[b, t]) for q [B, S, Hi, Di] (scaled)."""
+  if q.shape[1] * q.shape[2] * keys.shape[1] <= SCORE_BLOCK_ELEMENTS:
+    logits = jnp.einsum("bshd,btd->bsht", q, keys, preferred_element_type=jnp.float32)
+    return jnp.einsum("bsh,bsht->bst", w, jax.nn.relu(logits))
+
+  def head(acc, h):  # long sequences: one head at a time, never [S, Hi, T]
+    qh, wh = jnp.take(q, h, axis=2), jnp.take(w, h, axis=2)
+    return acc + wh[..., None] * jax.nn.relu(jnp.einsum("bsd,btd->bst", qh, keys,
+                                                        preferred_element_type=jnp.float32)), None
+
+  init = jnp.zeros(q.shape[:2] + keys.shape[1:2], jnp.float32)
+  return jax.lax.scan(head, init, jnp.arange(q.shape[2]))[0]
+
+
+def select_keys(q, w, keys, q_pos, k_pos, q_seg=None, k_seg=None, *, top_k: int, init_tokens: int = 0,
+                local_tokens: int = 0, block_q: int = 256):
+  """Top-k keys per query: q [B, S, Hi, Di], w [B, S, Hi], keys [B, T, Di] -> [B, S, K] int32.
+
+  Queries are taken `block_q` at a time (`lax.map`), so memory is O(block_q * T), not O(S * T):
+  what lets a 1M-token sequence be indexed. No gradient flows through the selection.
+  """
+  q, w, keys = (jax.lax.stop_gradient(a) for a in (q, w, keys))
+  kw = dict(top_k=top_k, init_tokens=init_tokens, local_tokens=local_tokens)
+
+  def one(q, w, q_pos, q_seg):
+    mask = visible_mask(q_pos, k_pos, q_seg, k_seg)
+    return select_topk(index_scores(q, w, keys), mask, q_pos, k_pos, **kw)
+
+  s = q.shape[1]
+  if s <= block_q:
+    return one(q, w, q_pos, q_seg)
+  pad = -s % block_q
+  padded = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+  n = (s + pad) // block_q
+  blocks = lambda a: jnp.moveaxis(padded(a).reshape(a.shape[0], n, block_q, *a.shape[2:]), 1, 0)
+  seg = None if q_seg is None else blocks(q_seg)
+  out = jax.lax.map(lambda xs: one(*xs), (blocks(q), blocks(w), blocks(q_pos), seg))
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * block_q, -1)[:, :s]
+
+
 class Indexer(nn.Module):
   """Scores every visible key cheaply and keeps the top-k per query (module docstring)."""
 
@@ -95,52 +138,54 @@ class Indexer(nn.Module):
     k = rms_norm(x @ self.wk.astype(dt), self.k_norm, self.config.rms_norm_eps)
     return apply_rope_half(k, cos, sin)
 
-  def scores(self, x, q_latent, cos, sin, keys):
-    """Index scores I [B, S, T] float32 of queries (x, q_latent [B, S, .]) against keys [B, T, Di]."""
-    c, dt = self.config, dtype_of(self.config.dtype)
+  def queries(self, x, q_latent, cos, sin):
+    """-> q [B, S, Hi, Di] (roped, times Di**-0.5) and head weights w [B, S, Hi] f32 (times Hi**-0.5)."""
+    dt = dtype_of(self.config.dtype)
     hi, di = self.wq_b.shape[1:]
     q = jnp.einsum("bsr,rhd->bshd", q_latent.astype(dt), self.wq_b.astype(dt))
-    q = apply_rope_half(q, cos, sin)
-    logits = jnp.einsum("bshd,btd->bsht", q, keys, preferred_element_type=jnp.float32) * di ** -0.5
+    q = apply_rope_half(q, cos, sin) * jnp.asarray(di ** -0.5, dt)
     w = jnp.dot(x.astype(jnp.float32), self.weights_proj.astype(jnp.float32)) * hi ** -0.5
-    return jnp.einsum("bsh,bsht->bst", w, jax.nn.relu(logits))
+    return q, w
+
+  def scores(self, x, q_latent, cos, sin, keys):
+    """Index scores I [B, S, T] float32 of queries (x, q_latent [B, S, .]) against keys [B, T, Di]."""
+    return index_scores(*self.queries(x, q_latent, cos, sin), keys)
+
+  def _select(self, x, q_latent, cos, sin, keys, q_pos, k_pos, q_seg=None, k_seg=None):
+    st = sparse_settings(self.config)
+    q, w = self.queries(x, q_latent, cos, sin)
+    return select_keys(q, w, keys, q_pos, k_pos, q_seg, k_seg, top_k=st["top_k"], init_tokens=st["init_tokens"],
+                       local_tokens=st["local_tokens"], block_q=st.get("block_q", 256))
 
   def __call__(self, x, q_latent, cos, sin, segment_ids=None):
-    """Training / prefill: x [B, S, hidden], q_latent [B, S, q_lora] -> (indices [B, S, K], scores [B, S, S])."""
+    """Training / prefill: x [B, S, hidden], q_latent [B, S, q_lora] -> indices [B, S, K] into 0..S-1."""
     b, s_len = x.shape[:2]
-    st = sparse_settings(self.config)
     pos = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
     # Every query scores every earlier key: under context parallelism the keys are all-gathered.
     keys = nn.with_logical_constraint(self.keys(x, cos, sin), ("batch", None, None))
     if self.is_mutable_collection(INDEX_CACHE) and not self.is_initializing():
       self.put_variable(INDEX_CACHE, "index_k", keys)
-    scores = self.scores(x, q_latent, cos, sin, keys)
-    mask = visible_mask(pos, pos, segment_ids, segment_ids)
-    idx = select_topk(jax.lax.stop_gradient(scores), mask, pos, pos, top_k=st["top_k"],
-                      init_tokens=st["init_tokens"], local_tokens=st["local_tokens"])
-    return idx, jnp.where(mask, scores, -jnp.inf)
+    k_pos = nn.with_logical_constraint(pos, ("batch", None))
+    k_seg = None if segment_ids is None else nn.with_logical_constraint(segment_ids, ("batch", None))
+    return self._select(x, q_latent, cos, sin, keys, pos, k_pos, segment_ids, k_seg)
 
   def select(self, x, q_latent, cos, sin, segment_ids=None, cache_mode=None, lengths=None):
     """The selected keys [B, S, K] for the layer's attention blocks, in the model's cache mode."""
     if cache_mode == "decode":
       return self.decode(x, q_latent, cos, sin, lengths)
-    return self(x, q_latent, cos, sin, segment_ids)[0]
+    return self(x, q_latent, cos, sin, segment_ids)
 
   def decode(self, x, q_latent, cos, sin, lengths):
     """x [B, T, hidden] at positions lengths[b] + t: appends their keys to `cache/index_k`
     [B, L, Di] and selects from the cache -> indices [B, T, min(top_k, L)] into cache positions."""
-    st = sparse_settings(self.config)
-    t_new = x.shape[1]
     keys = self.keys(x, cos, sin)
     put = lambda c, k, i: jax.lax.dynamic_update_slice_in_dim(c, k.astype(c.dtype), i, axis=0)
     cache = jax.vmap(put)(self.get_variable(INDEX_CACHE, "index_k"), keys, lengths)
     self.put_variable(INDEX_CACHE, "index_k", cache)
     b, cache_len = cache.shape[:2]
-    q_pos = lengths[:, None] + jnp.arange(t_new, dtype=jnp.int32)
+    q_pos = lengths[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)
     k_pos = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (b, cache_len))
-    scores = self.scores(x, q_latent, cos, sin, cache)
-    return select_topk(scores, visible_mask(q_pos, k_pos), q_pos, k_pos, top_k=st["top_k"],
-                       init_tokens=st["init_tokens"], local_tokens=st["local_tokens"])
+    return self._select(x, q_latent, cos, sin, cache, q_pos, k_pos)
 
 
 def attend(q, k, v, indices, *, config: ConfigDict):

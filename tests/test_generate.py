@@ -152,3 +152,117 @@ def test_generate_errors_name_the_problem(reference):
     inference.generate(model, variables, PROMPTS, model.config.max_position_embeddings)
   with pytest.raises(ValueError, match="attention_mask shape"):
     inference.generate(model, variables, np.ones((2, 3), np.int32), 4, attention_mask=np.ones((2, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# MTP speculative decoding.
+
+
+@pytest.fixture(scope="module")
+def mtp_model():
+  model = lj.LongcatForCausalLM(lj.get_config("tiny", mtp_num_heads=2))
+  return model, lj.init_variables(model, jax.random.key(0))
+
+
+def _bigram_drafter(model, variables, alpha):
+  """Layer norm scales x alpha (alpha = 0: every layer is the identity, so the model is a bigram
+  lm_head(final_norm(embed(tok)))) and MTP heads that are exact bigram drafters: eh_proj passes
+  the normed embedding of the token ahead through, their attention/MLP inputs are zeroed, and
+  they share the main final norm. alpha = 0 drafts perfectly; 0 < alpha < 1 partly."""
+  c = model.config
+  p = dict(variables["params"])
+  layers = dict(p["decoder"]["layers"])
+  for n in ("input_norm_0", "input_norm_1", "post_attn_norm_0", "post_attn_norm_1"):
+    layers[n] = {"scale": layers[n]["scale"] * alpha}
+  p["decoder"] = {**p["decoder"], "layers": layers}
+  mtp, h = dict(p["mtp"]), c.hidden_size
+  for j in range(c.mtp_num_heads):
+    mtp[f"layer_{j}"] = {**mtp[f"layer_{j}"], "eh_proj": jnp.concatenate([jnp.eye(h), jnp.zeros((h, h))]),
+                         "enorm": {"scale": jnp.ones(h)}, "input_norm": {"scale": jnp.zeros(h)},
+                         "post_attn_norm": {"scale": jnp.zeros(h)}}
+  mtp["final_norm"] = p["final_norm"]
+  p["mtp"] = mtp
+  return {**variables, "params": p}
+
+
+def test_speculative_greedy_equals_plain_greedy(mtp_model):
+  model, variables = mtp_model
+  for alpha in (0.0, 0.4, 1.0):
+    v = _bigram_drafter(model, variables, alpha)
+    free = inference.generate(model, v, PROMPTS, 20, temperature=0.0, eos_token_id=())
+    eos = int(free.tokens[0, 9])  # row 0 stops inside a speculative step
+    plain = inference.generate(model, v, PROMPTS, 20, temperature=0.0, eos_token_id=eos)
+    for k in (1, 2):
+      spec = inference.generate(model, v, PROMPTS, 20, temperature=0.0, eos_token_id=eos, num_draft_tokens=k)
+      np.testing.assert_array_equal(spec.tokens, plain.tokens, err_msg=f"alpha={alpha} k={k}")
+      np.testing.assert_array_equal(spec.num_tokens, plain.num_tokens)
+      if alpha == 0.0:  # perfect drafts: every draft accepted, k + 1 tokens per step
+        assert spec.acceptance_rate == 1.0
+        assert spec.decode_steps == math.ceil((plain.num_tokens.max() - 1) / (k + 1))
+      elif alpha == 0.4:
+        assert 0.0 < spec.acceptance_rate < 1.0, spec.acceptance_rate
+  with pytest.raises(ValueError, match="mtp_num_heads=2"):
+    inference.generate(model, variables, PROMPTS, 4, temperature=0.0, num_draft_tokens=3)
+
+
+def test_mtp_drafts_match_full_recompute(mtp_model):
+  """Head 1's cached drafts equal the argmax of `mtp_hidden` on the full sequence, every step."""
+  from longcat_jax.inference import speculative
+  model, variables = mtp_model
+  engine = speculative.engine_for(model, Sampling(0.0), 1)
+  lens = np.array([7, 3], np.int32)
+  tokens = np.zeros((2, 16), np.int32)
+  for i, p in enumerate(PROMPTS):
+    tokens[i, :len(p)] = p
+  state, first = engine.prefill(variables, tokens, jnp.asarray(lens), jax.random.key(0), cache_size=64)
+  seqs = [list(p) + [int(t)] for p, t in zip(PROMPTS, np.asarray(first))]
+  record = []  # (m, draft): the draft for position m + 1, made by head 1 at position m - 1
+  for _ in range(10):
+    record.append((np.asarray(state.lengths), np.asarray(state.drafts)[:, 0]))
+    state, emitted, num, _ = engine.step(variables, state, jnp.ones(2, bool), jax.random.key(1))
+    for i in range(2):
+      seqs[i].extend(np.asarray(emitted)[i, :int(num[i])].tolist())
+  ids = np.array([s[:32] + [0] * (32 - len(s[:32])) for s in seqs])
+  hidden = model.apply(variables, ids, return_hidden=True)
+  head1 = model.apply(variables, hidden, ids, method="mtp_hidden")[0]
+  want = np.asarray(jnp.argmax(model.apply(variables, head1, method="logits"), -1))
+  for m, drafts in record:
+    np.testing.assert_array_equal(drafts, want[np.arange(2), m - 1])
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+  """verify_drafts: the first emitted token is distributed as the main model's p, whatever q is."""
+  from longcat_jax.inference.speculative import verify_drafts
+  sampling = Sampling(1.0)
+  p_logits = jnp.log(jnp.array([[[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]]]))
+  q = jnp.array([[[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]])
+
+  def once(key):
+    kd, kv = jax.random.split(key)
+    drafts = jax.random.categorical(kd, jnp.log(q), axis=-1).astype(jnp.int32)
+    a, last = verify_drafts(p_logits, drafts, q, kv, sampling)
+    return jnp.where(a[0] > 0, drafts[0, 0], last[0]), a[0]
+
+  first, a = jax.vmap(once)(jax.random.split(jax.random.key(0), 40000))
+  freq = np.bincount(np.asarray(first), minlength=4) / first.shape[0]
+  np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4], atol=0.01)
+  # Acceptance of the first draft: sum_x min(p, q) = 0.1 + 0.2 + 0.2 + 0.1.
+  assert abs((np.asarray(a) > 0).mean() - 0.6) < 0.01
+
+
+def test_cli_streams_text_and_reports_throughput(tmp_path, capsys, mtp_model):
+  from longcat_jax import generate as cli
+  from longcat_jax.data.tokenizer import ByteTokenizer
+  model, variables = mtp_model  # vocab 320 covers the byte tokenizer's 259 ids
+  path = str(tmp_path / "ckpt")
+  lj.save_pretrained(path, model, variables)
+  prompt = "def f(x):"
+  assert cli.main(["--checkpoint", path, "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
+                   "--draft-tokens", "1"]) == 0
+  out = capsys.readouterr()
+  loaded, loaded_vars = lj.load_pretrained(path)
+  tok = ByteTokenizer()
+  want = inference.generate(loaded, loaded_vars, [[tok.bos_id] + tok.encode(prompt)], 12, temperature=0.0,
+                            eos_token_id=tok.eos_id, num_draft_tokens=1)
+  assert out.out == prompt + tok.decode(want.tokens[0, :want.num_tokens[0]]) + "\n"
+  assert "tokens/s" in out.err and "MTP draft acceptance" in out.err

@@ -16,8 +16,10 @@ import numpy as np
 
 from longcat_jax.config import ConfigDict, dtype_of
 
-# Logical axes of every cache leaf [layers, batch, cache_size, features]: sharded along batch.
-CACHE_AXES = ("layers", "batch", None, None)
+def cache_axes(ndim: int) -> tuple:
+  """Logical axes of a cache leaf: [layers, batch, cache_size, features] for the scanned decoder,
+  [batch, cache_size, features] for an MTP head. Sharded along batch."""
+  return ("layers",) * (ndim - 3) + ("batch", None, None)
 
 
 def cache_values_per_token(config: ConfigDict) -> int:
@@ -31,17 +33,17 @@ def cache_bytes_per_token(config: ConfigDict) -> int:
 
 
 def pad_cache(cache, cache_size: int):
-  """A prefill cache ([layers, batch, prompt_len, features] leaves) padded to `cache_size` slots."""
+  """A prefill cache (leaves [..., batch, prompt_len, features]) padded to `cache_size` slots."""
 
   def pad(x):
-    if x.shape[2] > cache_size:
-      raise ValueError(f"prompt length {x.shape[2]} exceeds cache_size={cache_size}")
-    x = jnp.pad(x, [(0, 0), (0, 0), (0, cache_size - x.shape[2]), (0, 0)])
-    return nn.with_logical_constraint(x, CACHE_AXES)
+    if x.shape[-2] > cache_size:
+      raise ValueError(f"prompt length {x.shape[-2]} exceeds cache_size={cache_size}")
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, cache_size - x.shape[-2]), (0, 0)])
+    return nn.with_logical_constraint(x, cache_axes(x.ndim))
 
   return jax.tree.map(pad, cache)
 
 
 def cache_size_of(cache) -> int:
   """Slots per row of a cache tree."""
-  return jax.tree.leaves(cache)[0].shape[2]
+  return jax.tree.leaves(cache)[0].shape[-2]

@@ -104,6 +104,9 @@ class Generation:
 
   tokens: [B, max_new_tokens] int32 new tokens, EOS included, pad_token_id after it.
   num_tokens: [B] tokens generated per row (EOS included).
+  prefill_seconds: time to the first token (includes compilation on a first call).
+  decode_seconds: first token to last; decode_steps: decode (or speculative) steps run.
+  steady_tokens / steady_seconds: tokens and time after the first decode step (which may compile).
   acceptance_rate: accepted / proposed draft tokens (speculative decoding), else None.
   """
 
@@ -112,13 +115,14 @@ class Generation:
   prefill_seconds: float
   decode_seconds: float
   decode_steps: int
+  steady_tokens: int = 0
+  steady_seconds: float = 0.0
   acceptance_rate: float | None = None
 
   @property
   def decode_tokens_per_second(self) -> float:
-    """Tokens per second after the first token, all rows together."""
-    n = int(np.maximum(self.num_tokens - 1, 0).sum())
-    return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+    """Decode throughput of all rows together, after the first (possibly compiling) step."""
+    return self.steady_tokens / self.steady_seconds if self.steady_seconds > 0 else float("nan")
 
 
 def as_prompts(input_ids, attention_mask=None) -> list[np.ndarray]:
@@ -179,6 +183,7 @@ class _Collector:
   def __init__(self, batch: int, max_new_tokens: int, eos: frozenset[int], stream):
     self.rows = [[] for _ in range(batch)]
     self.max_new, self.eos, self.stream = max_new_tokens, eos, stream
+    self.times = []  # (host time, tokens so far) after each add
 
   def done(self, i: int) -> bool:
     r = self.rows[i]
@@ -196,15 +201,20 @@ class _Collector:
       emitted.append(new)
     if self.stream is not None:
       self.stream(emitted)
+    self.times.append((time.perf_counter(), sum(map(len, self.rows))))
 
   def all_done(self) -> bool:
     return all(self.done(i) for i in range(len(self.rows)))
 
-  def result(self, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  def result(self, pad_id: int, t_start: float, steps: int, acceptance_rate=None) -> Generation:
     out = np.full((len(self.rows), self.max_new), pad_id, np.int32)
     for i, r in enumerate(self.rows):
       out[i, :len(r)] = r
-    return out, np.array([len(r) for r in self.rows], np.int32)
+    (t_first, _), (t_end, n_end) = self.times[0], self.times[-1]
+    t_steady, n_steady = self.times[min(2, len(self.times) - 1)]  # after prefill and the first step
+    return Generation(out, np.array([len(r) for r in self.rows], np.int32), prefill_seconds=t_first - t_start,
+                      decode_seconds=t_end - t_first, decode_steps=steps, steady_tokens=n_end - n_steady,
+                      steady_seconds=t_end - t_steady, acceptance_rate=acceptance_rate)
 
 
 def generate(model, variables, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
@@ -245,8 +255,7 @@ def generate(model, variables, input_ids, max_new_tokens: int, *, temperature: f
   t0 = time.perf_counter()
   lengths = jnp.asarray(lens)
   cache, cur, _, context = engine.prefill(variables, tokens, lengths, jax.random.fold_in(key, 0), cache_size=size)
-  cur = cur[:, None].block_until_ready()
-  t1 = time.perf_counter()
+  cur = cur[:, None]
   steps = 0
   while True:
     # Dispatch the next step before reading this one's tokens, so host work overlaps the device.
@@ -261,6 +270,4 @@ def generate(model, variables, input_ids, max_new_tokens: int, *, temperature: f
     if nxt is None or collector.all_done():
       break
     cur = nxt
-  t2 = time.perf_counter()
-  out, num = collector.result(config.pad_token_id)
-  return Generation(out, num, prefill_seconds=t1 - t0, decode_seconds=t2 - t1, decode_steps=steps)
+  return collector.result(config.pad_token_id, t0, steps)

@@ -92,9 +92,16 @@ class MLA(nn.Module):
     """attn [B, S, H, v] -> [B, S, hidden]."""
     return jnp.einsum("bshd,hde->bse", attn, self.o.astype(dtype_of(self.config.dtype)))
 
-  def __call__(self, x, cos, sin, segment_ids=None, indices=None):
+  def __call__(self, x, cos, sin, segment_ids=None, indices=None, *, cache_mode=None, cache_lengths=None):
     """x [B, S, hidden] -> [B, S, hidden]; causal within each segment. `indices` [B, S, K]: the
-    sparse indexer's selected keys (LongCat Sparse Attention); None = dense attention."""
+    sparse indexer's selected keys (LongCat Sparse Attention); None = dense attention.
+    `cache_mode` "prefill" / "decode" routes to `prefill` / `decode` (with `cache_lengths` [B])."""
+    if cache_mode == "prefill":
+      return self.prefill(x, cos, sin, indices=indices)
+    if cache_mode == "decode":
+      return self.decode(x, cos, sin, cache_lengths, indices=indices)
+    if cache_mode is not None:
+      raise ValueError(f"cache_mode={cache_mode!r} must be None, 'prefill' or 'decode'")
     lat, k_rope = self.latents(x, cos, sin)
     if indices is not None:
       return self._attend_sparse(x, cos, sin, lat, k_rope, indices)

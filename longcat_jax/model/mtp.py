@@ -26,16 +26,18 @@ class MTPLayer(nn.Module):
   """One MTP head: fuse embedding and previous hidden state, then one MLA + dense SwiGLU layer."""
 
   config: ConfigDict
+  cache_mode: str | None = None  # None (training), "prefill" or "decode": speculative decoding's KV cache.
 
   @nn.compact
-  def __call__(self, h_prev, emb, cos, sin, segment_ids):
+  def __call__(self, h_prev, emb, cos, sin, segment_ids, cache_lengths=None):
     """h_prev, emb [B, S, H] -> [B, S, H] (before the shared final norm)."""
     c = self.config
     norm = lambda name: RMSNorm(c, c.rms_norm_eps, name=name)
     eh_proj = param(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), (None, "embed"))
     x = jnp.concatenate([norm("enorm")(emb), norm("hnorm")(h_prev)], axis=-1)
     x = x @ eh_proj.astype(dtype_of(c.dtype))
-    x = x + MLA(c, name="attn")(norm("input_norm")(x), cos, sin, segment_ids)
+    x = x + MLA(c, name="attn")(norm("input_norm")(x), cos, sin, segment_ids,
+                                cache_mode=self.cache_mode, cache_lengths=cache_lengths)
     return x + DenseMLP(c, name="mlp")(norm("post_attn_norm")(x))
 
 

@@ -1,0 +1,115 @@
+"""Prefill and decode throughput over the compressed MLA cache, against the memory-bandwidth bound.
+
+    python experiments/bench_decode.py                          # `small` preset, float32, CPU sizes
+    python experiments/bench_decode.py --batches 1,8,32 --contexts 256,2048,8064 --cache 8192
+    python experiments/bench_decode.py --config flash --dtype bfloat16 ...   # on an accelerator
+
+For each batch size B and filled context S (all inside one preallocated cache of --cache slots):
+  prefill tok/s   B*S prompt tokens through `Engine.prefill` (expanded attention, writes the cache)
+  decode tok/s    B tokens per `Engine.decode` step (absorbed MLA over the cache, one compile per B)
+  step ms         median time of one decode step; "flat" compares it with the smallest S
+  bound ms        bytes one step must read (weights it touches + the filled cache) / measured
+                  memory bandwidth (`--bandwidth-gbs` overrides the measured copy bandwidth)
+Weights touched per step: all non-expert weights except the embedding (B rows), plus the distinct
+FFN experts the B tokens route to (expected count for uniform routing over the FFN experts with
+target_ffn_experts of them per token). Every number is the median of --repeats timed runs after a
+compile + warm-up run. Random weights (throughput does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import longcat_jax as lj
+from longcat_jax.config import dtype_of
+from longcat_jax.inference import Engine, Sampling, cache_bytes_per_token
+
+
+def median_seconds(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile + warm-up
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def copy_bandwidth(repeats: int, mib: int = 256) -> float:
+  """Measured device memory bandwidth in bytes/s: read + write of a `mib` MiB array."""
+  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001)
+  return 2 * x.nbytes / median_seconds(lambda: f(x), repeats)
+
+
+def step_bytes(config, batch: int, context: int) -> float:
+  """Bytes one decode step of `batch` tokens must read at `context` cached tokens per row."""
+  pc = lj.count_params(config)
+  wbytes = np.dtype(dtype_of(config.param_dtype)).itemsize
+  n, k_e = config.num_ffn_experts, config.target_ffn_experts
+  distinct = n * (1 - (1 - k_e / n) ** batch) if n else 0.0  # expected experts touched per layer
+  weights = (pc.non_expert - pc.embedding + batch * config.hidden_size
+             + distinct * pc.per_expert * config.num_layers) * wbytes
+  return weights + batch * context * cache_bytes_per_token(config)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="small")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--batches", default="1,8")
+  p.add_argument("--contexts", default="128,1024,3968")
+  p.add_argument("--cache", type=int, default=4096, help="cache slots per row (fixed: one decode compile per batch)")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--bandwidth-gbs", type=float, default=None)
+  p.add_argument("--skip-prefill", action="store_true")
+  args = p.parse_args()
+
+  config = lj.get_config(args.config, dtype=args.dtype, param_dtype=args.dtype)
+  config.max_position_embeddings = max(config.max_position_embeddings, args.cache)
+  model = lj.LongcatForCausalLM(config)
+  variables = lj.init_variables(model, jax.random.key(0))
+  engine = Engine(model, Sampling(0.0))
+  batches = [int(b) for b in args.batches.split(",")]
+  contexts = [int(s) for s in args.contexts.split(",")]
+  if max(contexts) >= args.cache:
+    raise SystemExit(f"--contexts must stay below --cache={args.cache}")
+  bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else copy_bandwidth(args.repeats)
+  print(f"{config.name} ({args.dtype}) on {jax.devices()[0].platform}: {lj.count_params(config).summary()}")
+  print(f"cache: {cache_bytes_per_token(config)} bytes/token, {args.cache} slots/row; memory bandwidth "
+        f"{bw / 1e9:.1f} GB/s ({'given' if args.bandwidth_gbs else 'measured copy'})")
+  print(f"{'B':>4} {'S':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'step ms':>9} {'flat':>6} "
+        f"{'bound ms':>9} {'step/bound':>10}")
+  rng = np.random.RandomState(0)
+  key = jax.random.key(0)
+  for b in batches:
+    base = None
+    for s in contexts:
+      tokens = jnp.asarray(rng.randint(3, config.vocab_size, (b, s)), jnp.int32)
+      lengths = jnp.full((b,), s, jnp.int32)
+      prefill = lambda: engine.prefill(variables, tokens, lengths, key, cache_size=args.cache)
+      prefill_tps = float("nan") if args.skip_prefill else b * s / median_seconds(prefill, args.repeats)
+      cache, nxt, _, context = prefill()
+      step_in = nxt[:, None]
+      # The decode step donates its cache; carrying it through keeps every timed call in place.
+      state = {"cache": cache}
+
+      def step():
+        state["cache"], out, _ = engine.decode(variables, state["cache"], step_in, lengths, context, key)
+        return out
+
+      t = median_seconds(step, args.repeats)
+      base = base or t
+      bound = step_bytes(config, b, s) / bw
+      print(f"{b:>4} {s:>6} {prefill_tps:>14.0f} {b / t:>13.1f} {t * 1e3:>9.2f} {t / base:>6.2f} "
+            f"{bound * 1e3:>9.3f} {t / bound:>10.1f}")
+
+
+if __name__ == "__main__":
+  main()

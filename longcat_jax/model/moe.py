@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from longcat_jax.config import ConfigDict, dtype_of, num_experts_total
-from longcat_jax.model.attention import kernel_impl
 from longcat_jax.model.layers import constrain, param
 
 EXPERT_BIAS = "expert_bias"
@@ -70,8 +69,9 @@ class MoE(nn.Module):
     bias = self.variable(EXPERT_BIAS, "router", lambda: jnp.zeros((e,), jnp.float32))
     xt = x.reshape(b * s, hdim)
     logits = jnp.dot(xt.astype(jnp.float32), router.astype(jnp.float32))
-    weights, indices, ffn_counts = pallas_kernels.topk_route(
-        logits, bias.value, c.top_k, n, c.routed_scaling_factor, implementation=kernel_impl(c))
+    from longcat_jax.parallel import expert_parallel  # late import: parallel imports model types
+    # topk_route, run per device under a mesh (ffn_counts stay global).
+    weights, indices, ffn_counts = expert_parallel.route(logits, bias.value, config=c, batch_shape=(b, s))
 
     # Routing statistics: load (for the controller), FFN experts per token, mean router probs.
     load = jnp.bincount(indices.reshape(-1), length=e).astype(jnp.float32)
@@ -87,7 +87,6 @@ class MoE(nn.Module):
     w_gate = param(self, "w_gate", (n, hdim, i), ("exp", "embed", "expert_mlp"))
     w_up = param(self, "w_up", (n, hdim, i), ("exp", "embed", "expert_mlp"))
     w_down = param(self, "w_down", (n, i, hdim), ("exp", "expert_mlp", "embed"))
-    from longcat_jax.parallel import expert_parallel  # late import: parallel imports model types
     out = expert_parallel.experts(xt, weights, indices, ffn_counts, w_gate, w_up, w_down, config=c,
                                   batch_shape=(b, s))
     return constrain(out.reshape(b, s, hdim), ("batch", "length", "embed"))

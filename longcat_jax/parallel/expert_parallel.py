@@ -49,12 +49,55 @@ def experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down, *, config, ba
   the tokens (so context-parallel layouts need no reshuffle).
   """
   ctx = sharding.current()
-  if ctx is None or ctx.mesh.size == 1:
+  if ctx is None or ctx.mesh.size == 1 or not _splits(ctx, x.shape[0], batch_shape):
+    # No mesh, or token shapes the mesh cannot split (e.g. `model.init` on a [1, 1] dummy batch
+    # traced inside the context): the single-device computation, partitioned by GSPMD if at all.
     return dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down,
                             num_ffn_experts=config.num_ffn_experts, implementation=kernel_impl(config),
                             block_m=config.moe_block_size)
   return sharded_experts(x, weights, indices, w_gate, w_up, w_down, config=config, ctx=ctx,
                          batch_shape=batch_shape)
+
+
+def route(logits, bias, *, config, batch_shape=None):
+  """`pallas_kernels.topk_route` on logits [T, N+Z] -> weights, indices [T, k], ffn_counts [N].
+
+  Under a mesh the top-k runs per device on its own tokens (XLA's partitioner would otherwise
+  gather every token's scores to each device for the TopK) and `ffn_counts` is psum-ed, so it
+  is the global count.
+  """
+  topk = lambda l, b: pallas_kernels.topk_route(l, b, config.top_k, config.num_ffn_experts,
+                                                config.routed_scaling_factor,
+                                                implementation=kernel_impl(config))
+  ctx = sharding.current()
+  if ctx is None or ctx.mesh.size == 1 or not _splits(ctx, logits.shape[0], batch_shape):
+    return topk(logits, bias)
+  batch_axes, length_axes = _token_axes(ctx.mesh, ctx.rules)
+  b, s = batch_shape or (logits.shape[0], 1)
+  tok = P(batch_axes or None, length_axes or None, None)
+
+  def body(l, bias):
+    w, i, counts = topk(l.reshape(-1, l.shape[-1]), bias)
+    counts = jax.lax.psum(counts, batch_axes + length_axes) if batch_axes + length_axes else counts
+    return w.reshape(l.shape[:2] + w.shape[-1:]), i.reshape(l.shape[:2] + i.shape[-1:]), counts
+
+  w, i, counts = jax.shard_map(body, mesh=ctx.mesh, in_specs=(tok, P()), out_specs=(tok, tok, P()),
+                               check_vma=False)(logits.reshape(b, s, -1), bias)
+  return w.reshape(-1, w.shape[-1]), i.reshape(-1, i.shape[-1]), counts
+
+
+def _token_axes(mesh, rules) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """Mesh axes (of size > 1) that shard the tokens' batch and length dimensions."""
+  spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
+  big = lambda axes: tuple(a for a in _flat_axes(axes) if mesh.shape[a] > 1)
+  return big(spec[0]), big(spec[1])
+
+
+def _splits(ctx, t, batch_shape) -> bool:
+  b, s = batch_shape or (t, 1)
+  batch_axes, length_axes = _token_axes(ctx.mesh, ctx.rules)
+  size = lambda axes: math.prod(ctx.mesh.shape[a] for a in axes)
+  return b % size(batch_axes) == 0 and s % size(length_axes) == 0
 
 
 def _flat_axes(spec_entry) -> tuple[str, ...]:
@@ -79,8 +122,7 @@ def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, ctx, b
   if n % e:
     raise ValueError(f"num_ffn_experts={n} is not divisible by the {EXPERT_AXIS!r} mesh axis ({e})")
   big = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)
-  tok_spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
-  batch_axes, length_axes = big(_flat_axes(tok_spec[0])), big(_flat_axes(tok_spec[1]))
+  batch_axes, length_axes = _token_axes(mesh, rules)
   token_axes = batch_axes + length_axes
   ep_axis = EXPERT_AXIS if e > 1 else None
   # Hidden dim of the experts: the expert_mlp rule's axes, if free and dividing (tensor parallel).
@@ -103,6 +145,9 @@ def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, ctx, b
     raise ValueError(f"MoE tokens [batch={b}, length={s}] are not divisible by the mesh axes "
                      f"{batch_axes} ({nb}) x {length_axes} ({ns}) that shard them")
   x3, w3, i3 = (a.reshape(b, s, a.shape[-1]) for a in (x, weights, indices))
+  # Cast before the shard_map so the FSDP all-gather of the expert weights (and the reduce-scatter
+  # of their gradients) moves compute-dtype bytes, not master-weight bytes.
+  w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
   tok = P(batch_axes or None, length_axes or None, None)
   mlp = mlp_axes or None
   body = functools.partial(
@@ -160,10 +205,19 @@ def _expert_ffn(rows, group_sizes, *, w_gate, w_up, w_down, block_m, implementat
   return gmm(nn.silu(gmm(rows, w_gate)) * gmm(rows, w_up), w_down)
 
 
-def _combine(y_slots, weights, indices, num_ffn_experts):
-  """y_slots [T, k, H] -> sum_j w_j y_j over FFN slots, float32 [T, H] (as dropless_experts)."""
-  w_ffn = jnp.where(indices < num_ffn_experts, weights, 0.0)
-  return jnp.einsum("tk,tkh->th", w_ffn.astype(jnp.float32), y_slots.astype(jnp.float32))
+def _combine_rows(y, order, weights, use, k):
+  """sum_j w_j y_j per token, float32 [T, H], from expert-output rows y [R, H] of slots order[:R].
+
+  Scatter-adds weighted rows into their tokens (no [T, k, H] buffer); slots not in `use` (zero
+  experts, other devices' experts) and rows past the groups (zeros) add nothing.
+  """
+  t = weights.shape[0]
+  w_rows = jnp.take(jnp.where(use, weights, 0.0).reshape(-1), order[:y.shape[0]])
+  # In the compute dtype: a float32 [R, H] copy (and cotangent) would be the largest buffer of
+  # the layer. A token sums at most min(k, n_local) rows here; float32 from then on.
+  rows = w_rows[:, None].astype(y.dtype) * y
+  out = jnp.zeros((t, y.shape[-1]), y.dtype).at[order[:y.shape[0]] // k].add(rows)
+  return out.astype(jnp.float32)
 
 
 def _gather_dispatch(x, weights, indices, *, ffn, num_ffn_experts, ep_axis, tokens_split):
@@ -184,8 +238,7 @@ def _gather_dispatch(x, weights, indices, *, ffn, num_ffn_experts, ep_axis, toke
   order = order[:r]
   group_sizes = jnp.bincount(key, length=n_loc + 1)[:n_loc]
   y = ffn(jnp.take(x, order // k, axis=0), group_sizes)
-  y_slots = jnp.zeros((t * k, y.shape[-1]), y.dtype).at[order].set(y).reshape(t, k, -1)
-  out = _combine(y_slots, jnp.where(is_local, weights, 0.0), indices, num_ffn_experts)
+  out = _combine_rows(y, order, weights, is_local, k)
   if ep_axis is None:
     return out
   if tokens_split:
@@ -223,8 +276,7 @@ def _ragged_dispatch(x, weights, indices, *, ffn, num_ffn_experts, ep_axis, a2a)
 
   back = a2a(y, jnp.zeros((t * k, h), y.dtype), excl(recv_sizes, 0), recv_sizes,
              excl(sizes, 1)[:, me], send_sizes, axis_name=ep_axis)
-  y_slots = jnp.zeros_like(back).at[order].set(back).reshape(t, k, h)
-  return _combine(y_slots, weights, indices, num_ffn_experts)
+  return _combine_rows(back, order, weights, indices < num_ffn_experts, k)
 
 
 def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,

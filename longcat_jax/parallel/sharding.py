@@ -51,7 +51,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("q_lora", "fsdp"),
     ("kv_lora", ("fsdp", "expert")),
     ("kv_lora", "fsdp"),
+    ("ngram_vocab", ("fsdp", "expert")),        # n-gram embedding tables (Lite / 2.0)
+    ("ngram_vocab", "fsdp"),
+    ("index_heads", "tensor"),                  # sparse-attention indexer
     ("exp_all", None),                          # router classes (N + Z): small, embed shards it
+    ("ngram_dim", None),
+    ("index_dim", None),
     ("norm", None),
     ("qk_dim", None),
     ("kv_dim", None),
@@ -237,6 +242,17 @@ def abstract_state(model, mesh, rules=LOGICAL_AXIS_RULES):
   shapes = nn.meta.unbox(boxed)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                       shardings)
+
+
+def train_state_shardings(tx, abstract_state, param_shardings, mesh):
+  """Shardings for a `train.TrainState`: optimizer moments follow their parameters (found with
+  `optax.tree_map_params`, no path strings); counters, step and rng are replicated."""
+  import optax
+  rep = NamedSharding(mesh, P())
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings["params"],
+                              transform_non_params=lambda _: rep)
+  return abstract_state.replace(step=rep, params=param_shardings["params"], opt_state=opt,
+                                expert_bias=param_shardings["expert_bias"], rng=rep)
 
 
 def batch_spec(mesh, rules=LOGICAL_AXIS_RULES, shape: Sequence[int] | None = None) -> P:

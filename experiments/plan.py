@@ -1,0 +1,234 @@
+"""Ahead-of-time planner: compile the full training step for a target mesh on simulated CPU devices.
+
+    python experiments/plan.py --model flash --mesh fsdp=16,expert=16 --seq 8192 --batch 256 --hbm-gib 80
+
+Nothing is allocated: the train state and the batch are ShapeDtypeStructs carrying the shardings
+of the logical-axis table (longcat_jax/parallel/sharding.py), the real `train.make_train_step` is
+lowered with `jax.jit(...).lower(...)` and compiled for as many CPU devices as the mesh has
+(`jax_num_cpu_devices`). Prints, per device: parameters and optimizer state (from the compiled
+program's input shardings), temporaries (activations, gradients, gathered weights: XLA's buffer
+assignment, `compiled.memory_analysis()`), an analytic estimate beside them, the collectives in
+the step, and whether it fits in `--hbm-gib`.
+
+Caveat: XLA:CPU compiles the CPU variants of the kernels (blocked grouped matmul, chunked XLA
+attention, the `gather` expert-parallel transport); a GPU program differs in its temporaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GiB = 2**30
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="flash", help="model preset (longcat_jax.config)")
+  p.add_argument("--mesh", default="fsdp=16,expert=16", help="axis=size,... over data,fsdp,expert,tensor,context")
+  p.add_argument("--devices", type=int, default=0, help="device count when an axis is -1")
+  p.add_argument("--seq", type=int, default=8192)
+  p.add_argument("--batch", type=int, default=256, help="global batch (sequences)")
+  p.add_argument("--hbm-gib", type=float, default=80.0)
+  p.add_argument("--remat", default="full", help="none | full | save_dots | save_moe")
+  p.add_argument("--dtype", default="bfloat16", help="activation dtype (weights stay param_dtype)")
+  p.add_argument("--param-dtype", default="float32")
+  p.add_argument("--ep-transport", default="auto", help="auto | gather | ragged")
+  p.add_argument("--ep-chunk-tokens", type=int, default=2048,
+                 help="MoE dispatch chunk per device (bounds the dropless worst-case buffers; 0 = all)")
+  p.add_argument("--grad-accum", type=int, default=1)
+  p.add_argument("--nonfinite", default="", help="override the trainer's nonfinite policy (skip | stop)")
+  p.add_argument("--layers", type=int, default=0, help="override num_layers (0 = preset)")
+  p.add_argument("--hlo-out", default="", help="write the compiled HLO text here")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from longcat_jax.parallel import sharding
+  sizes = sharding.parse_mesh(args.mesh)
+  n_dev = args.devices or math.prod(v for v in sizes.values())
+  if n_dev <= 0:
+    raise SystemExit("--mesh has a -1 axis: give --devices")
+  sizes = sharding.resolve_mesh_shape(sizes, n_dev)
+
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n_dev)
+  import jax.numpy as jnp
+  import numpy as np
+  import longcat_jax
+  from longcat_jax import train
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  t0 = time.time()
+  config = train.get_train_config(args.model, batch_size=args.batch, seq_len=args.seq,
+                                  grad_accum_steps=args.grad_accum)
+  m = config.model
+  m.remat, m.dtype, m.param_dtype = args.remat, args.dtype, args.param_dtype
+  if args.nonfinite:
+    config.nonfinite = args.nonfinite
+  if args.layers:
+    m.num_layers = args.layers
+  config.loss.balance_groups = sizes["expert"] if m.num_ffn_experts % sizes["expert"] == 0 else 1
+  model = longcat_jax.LongcatForCausalLM(m)
+  pc = sharding.parallel_config(mesh=sizes, ep_transport=args.ep_transport,
+                                ep_chunk_tokens=args.ep_chunk_tokens)
+  mesh = sharding.make_mesh(pc)
+  counts = longcat_jax.count_params(m)
+
+  # Abstract state and batch with shardings.
+  boxed = sharding.abstract_variables(model)
+  var_sh = sharding.variable_shardings(model, mesh, boxed=boxed)
+  sharding.check_replicated(var_sh, __import__("flax").linen.meta.unbox(boxed))
+  tx, _ = train.make_optimizer(model, config)
+  state_shape = train.abstract_train_state(model, config)
+  state_sh = sharding.train_state_shardings(tx, state_shape, var_sh, mesh)
+  sds = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+  state = jax.tree.map(sds, state_shape, state_sh)
+  bsh = sharding.batch_sharding(mesh, shape=(args.batch, args.seq))
+  batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                   sharding=bsh) for k in train.step.BATCH_KEYS}
+  t_setup = time.time() - t0
+
+  train_step = train.make_train_step(model, config)
+  with sharding.mesh_context(mesh, parallel=pc):
+    step = jax.jit(train_step, donate_argnums=(0,),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())))
+    t1 = time.time()
+    lowered = step.lower(state, batch)
+    t_lower = time.time() - t1
+    t1 = time.time()
+    compiled = lowered.compile()
+    t_compile = time.time() - t1
+
+  ma = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  if args.hlo_out:
+    with open(args.hlo_out, "w") as f:
+      f.write(hlo)
+
+  # Per-device bytes of the state, from the compiled program's input shardings.
+  in_sh = compiled.input_shardings[0][0]
+  def per_device(tree, shardings):
+    total = 0
+    for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+      shard = sh.shard_shape(x.shape)
+      total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+  params_b = per_device(state_shape.params, in_sh.params)
+  opt_b = per_device(state_shape.opt_state, in_sh.opt_state)
+  other_b = per_device((state_shape.step, state_shape.expert_bias, state_shape.rng),
+                       (in_sh.step, in_sh.expert_bias, in_sh.rng))
+  batch_b = per_device(batch, compiled.input_shardings[0][1])
+  temp_b = ma.temp_size_in_bytes
+  args_b = ma.argument_size_in_bytes
+  out_b, alias_b = ma.output_size_in_bytes, ma.alias_size_in_bytes
+  total_b = args_b + out_b - alias_b + temp_b + ma.generated_code_size_in_bytes
+
+  est = analytic_estimate(m, sizes, args, params_b)
+
+  tokens_per_dev = args.batch * args.seq // math.prod(sizes[a] for a in ("data", "fsdp", "expert", "context"))
+  print(f"== plan: {args.model} ({counts.total / 1e9:.1f}B params, {m.num_layers} layers) on "
+        f"{n_dev} devices, mesh {mesh_str(sizes)}; batch {args.batch} x seq {args.seq} "
+        f"({tokens_per_dev} tokens/device); remat={args.remat}, dtype={args.dtype}, "
+        f"params {args.param_dtype}; EP transport "
+        f"{__import__('longcat_jax.parallel.expert_parallel', fromlist=['x']).choose_transport(args.ep_transport, mesh)}"
+        f", chunk {args.ep_chunk_tokens or 'off'}")
+  print(f"   setup {t_setup:.0f}s, lower {t_lower:.0f}s, compile {t_compile:.0f}s")
+  print(f"{'per device':<34}{'compiled':>12}{'analytic':>12}")
+  row = lambda name, a, b: print(f"  {name:<32}{fmt(a):>12}{fmt(b):>12}")
+  row("parameters", params_b, est["params"])
+  row("optimizer state", opt_b, est["opt"])
+  row("batch + step/rng/expert_bias", batch_b + other_b, est["batch"])
+  row("temporaries (acts, grads, ...)", temp_b, est["temp"])
+  print(f"    of which analytic: gradients {fmt(est['grads'])}, saved layer inputs {fmt(est['saved'])}, "
+        f"one layer's working set {fmt(est['layer'])}, gathered weights {fmt(est['gathered'])}")
+  row("outputs not aliased to inputs", out_b - alias_b, 0)
+  row("generated code", ma.generated_code_size_in_bytes, 0)
+  row("TOTAL", total_b, est["total"])
+  fits = total_b <= args.hbm_gib * GiB
+  print(f"  fits in {args.hbm_gib:g} GiB HBM: {'YES' if fits else 'NO'} "
+        f"({100 * total_b / (args.hbm_gib * GiB):.0f}% used)")
+  print("collectives in the compiled step (per op in the HLO; loop bodies counted once):")
+  for kind, (n, b, where) in sorted(collectives(hlo).items()):
+    print(f"  {kind:<22}{n:>5} ops  {fmt(b):>10} per pass   e.g. {where}")
+  return 0 if fits else 1
+
+
+def mesh_str(sizes):
+  return ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1) or "1 device"
+
+
+def fmt(b: float) -> str:
+  return f"{b / GiB:.2f} GiB"
+
+
+def analytic_estimate(m, sizes, args, params_b):
+  """Back-of-envelope per-device memory (bytes) for AdamW + full remat; see docs/SCALING.md."""
+  import jax.numpy as jnp
+  act = jnp.dtype(args.dtype).itemsize
+  pbytes = jnp.dtype(args.param_dtype).itemsize
+  tok_axes = sizes["data"] * sizes["fsdp"] * sizes["expert"] * sizes["context"]
+  t = args.batch * args.seq // tok_axes // max(args.grad_accum, 1)  # tokens per device per microbatch
+  h, L = m.hidden_size, m.num_layers
+  params = params_b
+  opt = 2 * params_b * 4 // pbytes            # Adam mu, nu in float32
+  grads = params_b                            # float32 gradients, sharded like the params
+  saved = L * t * h * act                     # remat full: each layer's input
+  # One layer recomputed + differentiated: attention (q, k, v, out and grads, both blocks),
+  # dense MLPs, MoE dispatch buffers for one chunk (worst case rows E*T*min(k, n_local)).
+  heads, qk, vd = m.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+  attn = t * heads * (2 * qk + 2 * vd) * act * 3
+  mlp = t * m.ffn_size * 3 * act * 2
+  e = sizes["expert"]
+  n_loc = m.num_ffn_experts // e if m.num_ffn_experts else 1
+  chunk = min(args.ep_chunk_tokens or t, t)
+  rows = e * chunk * min(m.top_k, n_loc)
+  moe = rows * (2 * h + 3 * m.expert_ffn_size) * act * 2 + e * chunk * h * act * 2
+  layer = attn + mlp + moe + 8 * t * h * act
+  # FSDP: one layer's weights gathered (compute dtype) for the forward and again for the backward.
+  per_layer_params = params_b * (sizes["fsdp"] * sizes["expert"] * sizes["tensor"]) / max(L, 1) / pbytes
+  gathered = 2 * per_layer_params * act / max(sizes["expert"], 1) * 2
+  # Output projection: chunked cross-entropy (the trainer's default 16M logits per chunk).
+  logits = 16 * 2**20 * 4 * 2
+  temp = grads + saved + layer + gathered + logits
+  batch = 5 * t * 4 * max(args.grad_accum, 1)
+  return dict(params=params, opt=opt, grads=grads, saved=saved, layer=layer, gathered=gathered,
+              temp=temp, batch=batch, total=params + opt + temp + batch)
+
+
+_COLL = re.compile(r"=\s*(\(?[a-z0-9\[\]{}, :_]*\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                   r"ragged-all-to-all|collective-permute)(-start)?\(")
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+
+
+def collectives(hlo: str):
+  """{kind: (count, result bytes summed, an example op_name)} over the compiled HLO text."""
+  out = collections.defaultdict(lambda: [0, 0, ""])
+  for line in hlo.splitlines():
+    mt = _COLL.search(line)
+    if not mt:
+      continue
+    kind = mt.group(2) + ("-start" if mt.group(3) else "")
+    b = sum(_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            for dt, dims in _SHAPE.findall(mt.group(1)))
+    o = out[kind]
+    o[0] += 1
+    o[1] += b
+    if not o[2]:
+      name = re.search(r'op_name="([^"]*)"', line)
+      o[2] = (name.group(1)[-70:] if name else "")
+  return {k: tuple(v) for k, v in out.items()}
+
+
+if __name__ == "__main__":
+  sys.exit(main())

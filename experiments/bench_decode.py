@@ -75,7 +75,8 @@ def main():
   config.max_position_embeddings = max(config.max_position_embeddings, args.cache)
   model = lj.LongcatForCausalLM(config)
   variables = lj.init_variables(model, jax.random.key(0))
-  engine = Engine(model, Sampling(0.0))
+  engine = Engine(model)
+  greedy = Sampling(0.0)
   batches = [int(b) for b in args.batches.split(",")]
   contexts = [int(s) for s in args.contexts.split(",")]
   if max(contexts) >= args.cache:
@@ -93,7 +94,7 @@ def main():
     for s in contexts:
       tokens = jnp.asarray(rng.randint(3, config.vocab_size, (b, s)), jnp.int32)
       lengths = jnp.full((b,), s, jnp.int32)
-      prefill = lambda: engine.prefill(variables, tokens, lengths, key, cache_size=args.cache)
+      prefill = lambda: engine.prefill(variables, tokens, lengths, greedy, key, cache_size=args.cache)
       prefill_tps = float("nan") if args.skip_prefill else b * s / median_seconds(prefill, args.repeats)
       cache, nxt, _, context = prefill()
       step_in = nxt[:, None]
@@ -101,7 +102,7 @@ def main():
       state = {"cache": cache}
 
       def step():
-        state["cache"], out, _ = engine.decode(variables, state["cache"], step_in, lengths, context, key)
+        state["cache"], out, _ = engine.decode(variables, state["cache"], step_in, lengths, context, greedy, key)
         return out
 
       t = median_seconds(step, args.repeats)

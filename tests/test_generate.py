@@ -12,7 +12,7 @@ from hf_reference import make_reference
 import longcat_jax as lj
 from longcat_jax import inference
 from longcat_jax.inference import engine as engine_lib
-from longcat_jax.inference.sampling import Sampling, filter_logits, sample
+from longcat_jax.inference.sampling import Sampling, filter_logits, make_sampling, sample
 
 PROMPTS = [[5, 17, 33, 9, 100, 42, 7], [11, 12, 13]]  # different lengths: padding must not matter
 
@@ -55,8 +55,8 @@ def test_greedy_matches_transformers(reference):
   mask = np.array([[1] * 7, [0] * 4 + [1] * 3])
   again = inference.generate(model, variables, ids, 24, temperature=0.0, attention_mask=mask, eos_token_id=eos)
   np.testing.assert_array_equal(again.tokens, theirs)
-  # One decode compile (fixed cache size), reused for every token and both calls.
-  engine = engine_lib.engine_for(model, Sampling(0.0))
+  # One decode compile (fixed cache size), reused for every token and every call.
+  engine = engine_lib.engine_for(model)
   assert engine.decode._cache_size() == 1
   assert engine.prefill._cache_size() == 1
 
@@ -64,14 +64,15 @@ def test_greedy_matches_transformers(reference):
 def test_cached_decoding_matches_full_recompute(reference):
   """Logits of prefill + absorbed decode steps equal the full (uncached) forward at every step."""
   _, _, model, variables = reference
-  engine = engine_lib.engine_for(model, Sampling(0.0))
+  engine = engine_lib.engine_for(model)
+  greedy = Sampling(0.0)
   lens = np.array([7, 3], np.int32)
   tokens = np.zeros((2, 16), np.int32)
   for i, p in enumerate(PROMPTS):
     tokens[i, :len(p)] = p
   seqs = [list(p) for p in PROMPTS]
   lengths = jnp.asarray(lens)
-  cache, nxt, logits, context = engine.prefill(variables, tokens, lengths, jax.random.key(0), cache_size=64)
+  cache, nxt, logits, context = engine.prefill(variables, tokens, lengths, greedy, jax.random.key(0), cache_size=64)
   full_fn = jax.jit(model.apply)
 
   def check(step_logits, at):
@@ -85,16 +86,9 @@ def test_cached_decoding_matches_full_recompute(reference):
   for step in range(12):
     for i in range(2):
       seqs[i].append(int(nxt[i]))
-    cache, nxt2, logits, = engine.decode(variables, cache, nxt[:, None], lengths, context, jax.random.key(1))
+    cache, nxt2, logits = engine.decode(variables, cache, nxt[:, None], lengths, context, greedy, jax.random.key(1))
     check(logits[:, 0], np.asarray(lengths))
     lengths, nxt = lengths + 1, nxt2[:, 0]
-  # Several tokens in one step (as when verifying drafts): positions lengths .. lengths + 2.
-  new = np.array([[3, 50, 77], [90, 4, 61]], np.int32)
-  for i in range(2):
-    seqs[i].extend(new[i].tolist())
-  cache, _, logits = engine.decode(variables, cache, new, lengths, context, jax.random.key(1))
-  for t in range(3):
-    check(logits[:, t], np.asarray(lengths) + t)
 
 
 def test_cache_holds_only_latent_and_rope_key():
@@ -106,9 +100,9 @@ def test_cache_holds_only_latent_and_rope_key():
   import flax.linen as nn
   shapes = jax.eval_shape(lambda: {k: nn.meta.unbox(v) for k, v in model.init(
       jax.random.key(0), jnp.zeros((1, 1), jnp.int32)).items() if k in ("params", "expert_bias")})
-  engine = engine_lib.Engine(model, Sampling(0.0))
+  engine = engine_lib.Engine(model)
   cache = jax.eval_shape(lambda v: engine._prefill(v, jnp.zeros((2, 16), jnp.int32), jnp.full((2,), 16),
-                                                   jax.random.key(0), cache_size=256)[0], shapes)
+                                                   Sampling(0.0), jax.random.key(0), cache_size=256)[0], shapes)
   leaves = jax.tree.leaves(cache)
   assert all(x.shape[:3] == (28, 2, 256) and x.dtype == jnp.bfloat16 for x in leaves)
   assert sum(x.shape[0] * x.shape[-1] for x in leaves) == inference.cache_values_per_token(c) // 1
@@ -117,20 +111,21 @@ def test_cache_holds_only_latent_and_rope_key():
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
   finite = lambda s: np.isfinite(np.asarray(filter_logits(logits, s)))
-  np.testing.assert_array_equal(finite(Sampling(1.0, top_k=2)), [[1, 1, 0, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(finite(make_sampling(1.0, top_k=2)), [[1, 1, 0, 0], [0, 0, 1, 1]])
   # top_p keeps the smallest prefix with mass >= p: 0.5 + 0.3 >= 0.7.
-  np.testing.assert_array_equal(finite(Sampling(1.0, top_p=0.7)), [[1, 1, 0, 0], [0, 0, 1, 1]])
-  np.testing.assert_array_equal(finite(Sampling(1.0, top_p=0.4)), [[1, 0, 0, 0], [0, 0, 0, 1]])
-  np.testing.assert_array_equal(sample(logits, None, Sampling(0.0)), [0, 3])
-  draws = np.asarray(jax.vmap(lambda k: sample(logits, k, Sampling(1.0, top_k=2)))(
+  np.testing.assert_array_equal(finite(make_sampling(1.0, top_p=0.7)), [[1, 1, 0, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(finite(make_sampling(1.0, top_p=0.4)), [[1, 0, 0, 0], [0, 0, 0, 1]])
+  np.testing.assert_array_equal(finite(make_sampling(1.0, top_k=3, top_p=0.9)), [[1, 1, 1, 0], [0, 1, 1, 1]])
+  np.testing.assert_array_equal(sample(logits, jax.random.key(0), make_sampling(0.0)), [0, 3])
+  draws = np.asarray(jax.vmap(lambda k: sample(logits, k, make_sampling(1.0, top_k=2)))(
       jax.random.split(jax.random.key(0), 2000)))
   assert set(np.unique(draws[:, 0])) == {0, 1}
   # Renormalised top-2 of row 0: p(0) = 0.5 / 0.8.
   assert abs((draws[:, 0] == 0).mean() - 0.625) < 0.05
   with pytest.raises(ValueError, match="top_p"):
-    Sampling(1.0, top_p=0.0)
+    make_sampling(1.0, top_p=0.0)
   with pytest.raises(ValueError, match="temperature"):
-    Sampling(-1.0)
+    make_sampling(-1.0)
 
 
 def test_sampled_generation_is_seeded(reference):
@@ -142,6 +137,9 @@ def test_sampled_generation_is_seeded(reference):
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert not np.array_equal(a.tokens, c.tokens)
   assert (a.num_tokens == 6).all()
+  # Sampling settings are traced values: greedy and sampled calls share one decode compile.
+  inference.generate(model, variables, PROMPTS, 3, temperature=0.0)
+  assert engine_lib.engine_for(model).decode._cache_size() == 1
 
 
 def test_generate_errors_name_the_problem(reference):
@@ -209,17 +207,18 @@ def test_mtp_drafts_match_full_recompute(mtp_model):
   """Head 1's cached drafts equal the argmax of `mtp_hidden` on the full sequence, every step."""
   from longcat_jax.inference import speculative
   model, variables = mtp_model
-  engine = speculative.engine_for(model, Sampling(0.0), 1)
+  engine = speculative.engine_for(model, 1)
   lens = np.array([7, 3], np.int32)
   tokens = np.zeros((2, 16), np.int32)
   for i, p in enumerate(PROMPTS):
     tokens[i, :len(p)] = p
-  state, first = engine.prefill(variables, tokens, jnp.asarray(lens), jax.random.key(0), cache_size=64)
+  state, first = engine.prefill(variables, tokens, jnp.asarray(lens), Sampling(0.0), jax.random.key(0),
+                                cache_size=64)
   seqs = [list(p) + [int(t)] for p, t in zip(PROMPTS, np.asarray(first))]
   record = []  # (m, draft): the draft for position m + 1, made by head 1 at position m - 1
   for _ in range(10):
     record.append((np.asarray(state.lengths), np.asarray(state.drafts)[:, 0]))
-    state, emitted, num, _ = engine.step(variables, state, jnp.ones(2, bool), jax.random.key(1))
+    state, emitted, num, _ = engine.step(variables, state, jnp.ones(2, bool), Sampling(0.0), jax.random.key(1))
     for i in range(2):
       seqs[i].extend(np.asarray(emitted)[i, :int(num[i])].tolist())
   ids = np.array([s[:32] + [0] * (32 - len(s[:32])) for s in seqs])

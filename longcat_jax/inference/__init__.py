@@ -5,8 +5,9 @@
 """
 
 from longcat_jax.inference.cache import cache_bytes_per_token, cache_values_per_token, pad_cache
-from longcat_jax.inference.engine import Engine, Generation, generate, plan_cache_size, prefill_bucket
-from longcat_jax.inference.sampling import Sampling, filter_logits, sample
+from longcat_jax.inference.engine import Engine, Generation, engine_for, generate, plan_cache_size, prefill_bucket
+from longcat_jax.inference.sampling import Sampling, filter_logits, make_sampling, sample, token_probs
 
-__all__ = ["generate", "Generation", "Engine", "Sampling", "sample", "filter_logits", "pad_cache",
-           "cache_values_per_token", "cache_bytes_per_token", "plan_cache_size", "prefill_bucket"]
+__all__ = ["generate", "Generation", "Engine", "engine_for", "Sampling", "make_sampling", "sample", "filter_logits",
+           "token_probs", "pad_cache", "cache_values_per_token", "cache_bytes_per_token", "plan_cache_size",
+           "prefill_bucket"]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longcat_jax.inference.cache import pad_cache
-from longcat_jax.inference.sampling import Sampling, sample
+from longcat_jax.inference.sampling import Sampling, make_sampling, sample
 from longcat_jax.model.attention import CACHE
 from longcat_jax.model.moe import EXPERT_BIAS
 
@@ -46,51 +46,70 @@ def _ngram_context(tokens, lengths, size: int):
   return jnp.where(idx >= 0, ctx, 0).astype(jnp.int32)
 
 
-class Engine:
-  """Compiled prefill and decode steps of one model under one sampling rule.
+def decode_model(model, routed_rows: int):
+  """`model` with the grouped matmul's row block sized for `routed_rows` (token, expert) rows.
 
-  prefill(variables, tokens [B, S] right-padded, lengths [B], rng, cache_size)
+  The XLA grouped matmul pads every expert's rows to `moe_block_size` and runs a static number
+  of blocks, about num_ffn_experts + rows / block: with a decode step's few rows the training
+  block (64) would multiply every expert on padding. A block near rows / num_ffn_experts (1 for
+  small batches) only runs the rows that exist. Dropless either way; the result is the same.
+  """
+  c = model.config
+  block = max(1, routed_rows // max(c.num_ffn_experts, 1))
+  block = min(1 << (block.bit_length() - 1), c.moe_block_size)
+  if block == c.moe_block_size:
+    return model
+  small = c.copy_and_resolve_references()
+  small.moe_block_size = block
+  return model.clone(config=small)
+
+
+class Engine:
+  """Compiled prefill and decode steps of one model (any `Sampling`: its values are traced).
+
+  prefill(variables, tokens [B, S] right-padded, lengths [B], sampling, rng, cache_size)
       -> cache, next_tokens [B], logits [B, V] f32 (of the last prompt token), context [B, n]
-  decode(variables, cache, tokens [B, T], lengths [B], context [B, n], rng)
+  decode(variables, cache, tokens [B, T], lengths [B], context [B, n], sampling, rng)
       -> cache, next_tokens [B, T], logits [B, T, V] f32 (the cache is donated and updated in place)
-  `context` is the n-gram context (n = 0 without n-gram embeddings).
+  `context` is the n-gram context (n = 0 without n-gram embeddings). Compiles once per
+  (B, prompt bucket, cache size) for prefill and once per (B, T, cache size) for decode.
   """
 
-  def __init__(self, model, sampling: Sampling = Sampling()):
-    self.model, self.sampling = model, sampling
+  def __init__(self, model):
+    self.model = model
     self.context_size = ngram_context_size(model.config)
     self.prefill = jax.jit(self._prefill, static_argnames=("cache_size",))
     self.decode = jax.jit(self._decode, donate_argnames=("cache",))
 
-  def _prefill(self, variables, tokens, lengths, rng, cache_size: int):
+  def _prefill(self, variables, tokens, lengths, sampling, rng, cache_size: int):
     model = self.model
     hidden, state = model.apply(model_variables(variables), tokens, method="prefill", mutable=[CACHE])
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = model.apply(variables, last, method="logits").astype(jnp.float32)
     context = _ngram_context(tokens, lengths, self.context_size)
-    return pad_cache(state[CACHE], cache_size), sample(logits, rng, self.sampling), logits, context
+    return pad_cache(state[CACHE], cache_size), sample(logits, rng, sampling), logits, context
 
-  def _decode(self, variables, cache, tokens, lengths, context, rng):
-    model = self.model
+  def _decode(self, variables, cache, tokens, lengths, context, sampling, rng):
+    b, t = tokens.shape
+    model = decode_model(self.model, b * t * self.model.config.top_k)
     hidden, state = model.apply({**model_variables(variables), CACHE: cache}, tokens, lengths,
                                 context if self.context_size else None, method="decode", mutable=[CACHE])
     logits = model.apply(variables, hidden, method="logits").astype(jnp.float32)
-    b, t, v = logits.shape
-    nxt = sample(logits.reshape(b * t, v), rng, self.sampling).reshape(b, t)
+    nxt = sample(logits.reshape(b * t, -1), rng, sampling).reshape(b, t)
     return state[CACHE], nxt, logits
 
 
 _ENGINES: dict = {}
 
 
-def engine_for(model, sampling: Sampling) -> Engine:
-  """A cached Engine per (model class, config, sampling): repeated calls, and models loaded twice
-  from the same checkpoint, reuse the compiled steps."""
-  key = (type(model), model.config.to_json(sort_keys=True), sampling)
+def engine_for(model) -> Engine:
+  """A cached Engine per (model class, config): repeated calls, and models loaded twice from the
+  same checkpoint, reuse the compiled steps."""
+  key = (type(model), model.config.to_json(sort_keys=True))
   if key not in _ENGINES:
     if len(_ENGINES) >= 16:
       _ENGINES.pop(next(iter(_ENGINES)))
-    _ENGINES[key] = Engine(model, sampling)
+    _ENGINES[key] = Engine(model)
   return _ENGINES[key]
 
 
@@ -233,7 +252,7 @@ def generate(model, variables, input_ids, max_new_tokens: int, *, temperature: f
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   config = model.config
-  sampling = Sampling(float(temperature), top_k, top_p)
+  sampling = make_sampling(temperature, top_k, top_p)
   prompts = as_prompts(input_ids, attention_mask)
   b, lens = len(prompts), np.array([len(p) for p in prompts], np.int32)
   bucket = prefill_bucket(int(lens.max()))
@@ -251,10 +270,11 @@ def generate(model, variables, input_ids, max_new_tokens: int, *, temperature: f
     return speculative.generate_speculative(model, variables, tokens, lens, collector, sampling, key,
                                             size, num_draft_tokens, config.pad_token_id)
 
-  engine = engine_for(model, sampling)
+  engine = engine_for(model)
   t0 = time.perf_counter()
   lengths = jnp.asarray(lens)
-  cache, cur, _, context = engine.prefill(variables, tokens, lengths, jax.random.fold_in(key, 0), cache_size=size)
+  cache, cur, _, context = engine.prefill(variables, tokens, lengths, sampling, jax.random.fold_in(key, 0),
+                                          cache_size=size)
   cur = cur[:, None]
   steps = 0
   while True:
@@ -262,7 +282,7 @@ def generate(model, variables, input_ids, max_new_tokens: int, *, temperature: f
     nxt = None
     if steps < max_new_tokens - 1:
       steps += 1
-      cache, nxt, _ = engine.decode(variables, cache, cur, lengths, context, jax.random.fold_in(key, steps))
+      cache, nxt, _ = engine.decode(variables, cache, cur, lengths, context, sampling, jax.random.fold_in(key, steps))
       if engine.context_size:
         context = jnp.concatenate([context, cur], axis=1)[:, -engine.context_size:]
       lengths = lengths + 1

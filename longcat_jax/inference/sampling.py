@@ -1,53 +1,60 @@
-"""Next-token sampling: greedy (temperature 0), temperature, top-k and top-p (nucleus)."""
+"""Next-token sampling: greedy (temperature 0), temperature, top-k and top-p (nucleus).
+
+`Sampling` is a pytree of scalars, traced by the jitted steps: changing the temperature, top-k or
+top-p never recompiles. Greedy is the temperature-0 case of the same functions: `token_probs`
+is then the one-hot of the argmax, so speculative acceptance needs no separate greedy rule.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How the next token is chosen. `temperature=0.0` is greedy (argmax)."""
+class Sampling(NamedTuple):
+  """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
 
   temperature: float = 1.0
-  top_k: int | None = None
-  top_p: float | None = None
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-    if self.top_k is not None and self.top_k < 1:
-      raise ValueError(f"top_k={self.top_k} must be >= 1 or None")
-    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p={self.top_p} must lie in (0, 1] or be None")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0.0
+  top_k: int = 0
+  top_p: float = 1.0
 
 
-def filter_logits(logits, sampling: Sampling):
-  """logits [..., V] float32 -> tempered logits with tokens outside top-k / top-p set to -inf."""
-  logits = logits.astype(jnp.float32) / sampling.temperature
-  if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if sampling.top_p is not None and sampling.top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
-    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
-    logits = jnp.where(keep, logits, -jnp.inf)
-  return logits
+def make_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Sampling:
+  """Validated `Sampling` from user-facing arguments (None = off)."""
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"top_k={top_k} must be >= 1 or None")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p} must lie in (0, 1] or be None")
+  return Sampling(float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
 
 
-def sample(logits, rng, sampling: Sampling):
-  """logits [B, V] -> next tokens [B] int32."""
-  if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+def filter_logits(logits, s: Sampling):
+  """logits [..., V] -> float32 logits / temperature, -inf outside the top-k and the top-p
+  nucleus (the smallest set of most likely tokens whose probability reaches top_p; tokens tied
+  with the last one kept stay in)."""
+  v = logits.shape[-1]
+  logits = logits.astype(jnp.float32) / jnp.where(s.temperature > 0, s.temperature, 1.0)
+  desc = -jnp.sort(-logits, axis=-1)
+  k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)
+  rank = jnp.arange(v)
+  probs = jax.nn.softmax(jnp.where(rank < k, desc, -jnp.inf), axis=-1)
+  # Ranks kept: within top-k, and the mass before them is below top_p (rank 0 always).
+  kept = (rank < k) & ((jnp.cumsum(probs, axis=-1) - probs < s.top_p) | (rank == 0))
+  cutoff = jnp.take_along_axis(desc, kept.sum(-1, keepdims=True) - 1, axis=-1)
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def token_probs(logits, s: Sampling):
+  """logits [..., V] -> the distribution `sample` draws from [..., V] float32 (one-hot if greedy)."""
+  greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  return jnp.where(s.temperature > 0, jax.nn.softmax(filter_logits(logits, s), axis=-1), greedy)
+
+
+def sample(logits, rng, s: Sampling):
+  """logits [B, V] -> next tokens [B] int32 (argmax when temperature is 0)."""
+  drawn = jax.random.categorical(rng, filter_logits(logits, s), axis=-1)
+  return jnp.where(s.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)

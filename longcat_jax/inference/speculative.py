@@ -29,8 +29,8 @@ import numpy as np
 
 from longcat_jax.config import dtype_of
 from longcat_jax.inference.cache import pad_cache
-from longcat_jax.inference.engine import _ngram_context, model_variables, ngram_context_size
-from longcat_jax.inference.sampling import Sampling, filter_logits, sample
+from longcat_jax.inference.engine import _ngram_context, decode_model, model_variables, ngram_context_size
+from longcat_jax.inference.sampling import Sampling, sample, token_probs
 from longcat_jax.model.attention import CACHE
 from longcat_jax.model.layers import rms_norm, rope_cos_sin
 from longcat_jax.model.mtp import MTPLayer
@@ -44,7 +44,7 @@ class SpecState(NamedTuple):
   lengths: jax.Array     # [B] tokens in the main cache
   pending: jax.Array     # [B] last emitted token, not yet in the cache
   drafts: jax.Array      # [B, k] drafted tokens for positions lengths + 1 ..
-  draft_probs: jax.Array  # [B, k, V] the drafts' sampling distributions ([B, k, 0] when greedy)
+  draft_probs: jax.Array  # [B, k, V] the distributions the drafts were drawn from
   context: jax.Array     # [B, n] n-gram context before `pending`
 
 
@@ -68,25 +68,21 @@ def _at(x, index):
 
 
 def verify_drafts(logits, drafts, draft_probs, rng, sampling: Sampling):
-  """Speculative acceptance. logits [B, k+1, V] (main model at the pending token and the k
-  drafts), drafts [B, k], draft_probs [B, k, V] (the distributions the drafts were sampled from;
-  unused when greedy) -> accepted count a [B] and the token after the accepted drafts [B].
+  """Speculative acceptance (Leviathan et al. 2023). logits [B, k+1, V]: the main model at the
+  pending token and the k drafts; drafts [B, k]; draft_probs [B, k, V]: the distributions q the
+  drafts were drawn from -> accepted count a [B] and the token after the accepted drafts [B].
 
-  Greedy: accept while the draft is the argmax. Sampling: accept d_i with probability
-  min(1, p(d_i) / q(d_i)); at the first rejection sample norm(max(p - q, 0)), so every emitted
-  token follows the main model's (filtered) distribution exactly.
+  Draft d_i is accepted with probability min(1, p(d_i) / q(d_i)); at the first rejection the
+  token is drawn from norm(max(p - q, 0)), after k acceptances from p: every emitted token follows
+  the main model's distribution p exactly. Greedy (temperature 0) makes p and q one-hot, so this
+  accepts exactly the drafts equal to the main model's argmax and then emits that argmax.
   """
   k = drafts.shape[1]
-  if sampling.greedy:
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    a = jnp.cumprod(drafts == best[:, :k], axis=1).sum(1)
-    return a, _at(best, a)
   rng_u, rng_last = jax.random.split(rng)
-  p = jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
+  p = token_probs(logits, sampling)
   p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
   q_d = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
   a = jnp.cumprod(jax.random.uniform(rng_u, p_d.shape) * q_d < p_d, axis=1).sum(1)
-  # Rejected at a < k: sample norm(max(p_a - q_{a+1}, 0)); all k accepted: sample p_k.
   q_a = jnp.where((a < k)[:, None], _at(draft_probs, jnp.minimum(a, k - 1)), 0.0)
   resid = jnp.maximum(_at(p, a) - q_a, 0.0)
   resid = jnp.where(resid.sum(-1, keepdims=True) > 0, resid, _at(p, a))
@@ -94,32 +90,32 @@ def verify_drafts(logits, drafts, draft_probs, rng, sampling: Sampling):
 
 
 class SpeculativeEngine:
-  """Compiled prefill and speculative step for one model, sampling rule and draft length k.
+  """Compiled prefill and speculative step for one model and draft length k (any `Sampling`).
 
-  prefill(variables, tokens [B, S], lengths [B], rng, cache_size) -> SpecState, first tokens [B]
-  step(variables, state, active [B] bool, rng) -> SpecState, emitted [B, k+1], num_emitted [B],
-      accepted [B]   (rows with active=False do not advance; the state is donated)
+  prefill(variables, tokens [B, S], lengths [B], sampling, rng, cache_size) -> SpecState, first [B]
+  step(variables, state, active [B] bool, sampling, rng) -> SpecState, emitted [B, k+1],
+      num_emitted [B], accepted [B]   (rows with active=False do not advance; state is donated)
   """
 
-  def __init__(self, model, sampling: Sampling, num_draft_tokens: int):
+  def __init__(self, model, num_draft_tokens: int):
     c = model.config
     if not 1 <= num_draft_tokens <= c.mtp_num_heads:
       raise ValueError(f"num_draft_tokens={num_draft_tokens} needs that many MTP heads, but config.mtp_num_heads="
                        f"{c.mtp_num_heads} (head j drafts token j; see longcat_jax.model.mtp)")
-    self.model, self.sampling, self.k = model, sampling, num_draft_tokens
+    self.model, self.k = model, num_draft_tokens
     self.context_size = ngram_context_size(c)
     self.prefill = jax.jit(self._prefill, static_argnames=("cache_size",))
     self.step = jax.jit(self._step, donate_argnames=("state",))
 
   # -- drafting ---------------------------------------------------------------------------------
 
-  def _draft(self, variables, hidden, known, n_valid, positions, caches, cache_mode, lengths, rng):
+  def _draft(self, variables, hidden, known, n_valid, positions, caches, cache_mode, lengths, sampling, rng):
     """Runs the k MTP heads over T positions and drafts k tokens per row.
 
     hidden [B, T, H]: main final-normed hidden at `positions` [B, T]; known [B, T]: the token
     after each position, valid for the first n_valid[b] positions; the drafts come from position
     n_valid - 1. Head j reads the token j ahead: known where valid, else the drafts of heads < j.
-    -> new caches (one per head), drafts [B, k], draft_probs [B, k, V or 0].
+    -> new caches (one per head), drafts [B, k], draft_probs [B, k, V].
     """
     model, c = self.model, self.model.config
     mtp = mtp_params(variables)
@@ -141,48 +137,49 @@ class SpeculativeEngine:
       h = rms_norm(x, mtp["final_norm"]["scale"], c.rms_norm_eps)  # the heads' shared final norm
       logits = model.apply(variables, _at(h, n_valid - 1), method="logits").astype(jnp.float32)
       rng, sub = jax.random.split(rng)
-      drafts.append(sample(logits, sub, self.sampling))
-      probs.append(logits[:, :0] if self.sampling.greedy else jax.nn.softmax(filter_logits(logits, self.sampling)))
+      drafts.append(sample(logits, sub, sampling))
+      probs.append(token_probs(logits, sampling))
       new_caches.append(state[CACHE])
     return tuple(new_caches), jnp.stack(drafts, 1), jnp.stack(probs, 1)
 
   # -- prefill ----------------------------------------------------------------------------------
 
-  def _prefill(self, variables, tokens, lengths, rng, cache_size: int):
+  def _prefill(self, variables, tokens, lengths, sampling, rng, cache_size: int):
     model = self.model
     b, s = tokens.shape
     hidden, state = model.apply(model_variables(variables), tokens, method="prefill", mutable=[CACHE])
     logits = model.apply(variables, _at(hidden, lengths - 1), method="logits").astype(jnp.float32)
     rng_first, rng_draft = jax.random.split(rng)
-    first = sample(logits, rng_first, self.sampling)
+    first = sample(logits, rng_first, sampling)
     # The token after position i is tokens[i + 1], and the first generated token after the prompt.
     pos = jnp.arange(s)[None, :]
     known = jnp.where(pos == (lengths - 1)[:, None], first[:, None], jnp.roll(tokens, -1, axis=1))
     positions = jnp.broadcast_to(pos, (b, s)).astype(jnp.int32)
     mtp_caches, drafts, probs = self._draft(variables, hidden, known, lengths, positions, None, "prefill", None,
-                                            rng_draft)
+                                            sampling, rng_draft)
     spec = SpecState(pad_cache(state[CACHE], cache_size), pad_cache(mtp_caches, cache_size), lengths, first,
                      drafts, probs, _ngram_context(tokens, lengths, self.context_size))
     return spec, first
 
   # -- one speculative step ---------------------------------------------------------------------
 
-  def _step(self, variables, state: SpecState, active, rng):
-    model, k = self.model, self.k
+  def _step(self, variables, state: SpecState, active, sampling, rng):
+    k = self.k
+    model = decode_model(self.model, state.drafts.shape[0] * (k + 1) * self.model.config.top_k)
     rng_accept, rng_draft = jax.random.split(rng)
     m = state.lengths
     fed = jnp.concatenate([state.pending[:, None], state.drafts], axis=1)  # [B, k+1] at m..m+k
     hidden, new = model.apply({**model_variables(variables), CACHE: state.cache}, fed, m,
                               state.context if self.context_size else None, method="decode", mutable=[CACHE])
     logits = model.apply(variables, hidden, method="logits").astype(jnp.float32)
-    a, last = verify_drafts(logits, state.drafts, state.draft_probs, rng_accept, self.sampling)
+    a, last = verify_drafts(logits, state.drafts, state.draft_probs, rng_accept, sampling)
     i = jnp.arange(k + 1)[None, :]
     drafts_padded = jnp.concatenate([state.drafts, state.drafts[:, -1:]], axis=1)
     emitted = jnp.where(i < a[:, None], drafts_padded, last[:, None])  # valid for i <= a
     num = jnp.where(active, a + 1, 0)
     positions = m[:, None] + i
     mtp_caches, drafts, probs = self._draft(variables, hidden, emitted, a + 1, positions, state.mtp_caches, "decode",
-                                            m, rng_draft)
+                                            m, sampling, rng_draft)
     context = state.context
     if self.context_size:  # the n tokens before the new pending token
       window = jnp.concatenate([state.context, fed], axis=1)
@@ -196,29 +193,30 @@ class SpeculativeEngine:
 _ENGINES: dict = {}
 
 
-def engine_for(model, sampling: Sampling, num_draft_tokens: int) -> SpeculativeEngine:
-  key = (type(model), model.config.to_json(sort_keys=True), sampling, num_draft_tokens)
+def engine_for(model, num_draft_tokens: int) -> SpeculativeEngine:
+  key = (type(model), model.config.to_json(sort_keys=True), num_draft_tokens)
   if key not in _ENGINES:
     if len(_ENGINES) >= 8:
       _ENGINES.pop(next(iter(_ENGINES)))
-    _ENGINES[key] = SpeculativeEngine(model, sampling, num_draft_tokens)
+    _ENGINES[key] = SpeculativeEngine(model, num_draft_tokens)
   return _ENGINES[key]
 
 
 def generate_speculative(model, variables, tokens, lens, collector, sampling, key, cache_size, num_draft_tokens,
                          pad_id):
   """The loop behind `generate(..., num_draft_tokens=k)`; arguments prepared by `generate`."""
-  engine = engine_for(model, sampling, num_draft_tokens)
+  engine = engine_for(model, num_draft_tokens)
   mtp_params(variables)  # fail early with a clear message
   t0 = time.perf_counter()
-  state, first = engine.prefill(variables, tokens, jnp.asarray(lens), jax.random.fold_in(key, 0),
+  state, first = engine.prefill(variables, tokens, jnp.asarray(lens), sampling, jax.random.fold_in(key, 0),
                                 cache_size=cache_size)
   collector.add(np.asarray(first)[:, None])
   steps = proposed = accepted = 0
   while not collector.all_done():
     steps += 1
     active = np.array([not collector.done(i) for i in range(len(lens))])
-    state, emitted, num, acc = engine.step(variables, state, jnp.asarray(active), jax.random.fold_in(key, steps))
+    state, emitted, num, acc = engine.step(variables, state, jnp.asarray(active), sampling,
+                                           jax.random.fold_in(key, steps))
     emitted, num, acc = np.asarray(emitted), np.asarray(num), np.asarray(acc)
     collector.add([emitted[i, :num[i]] for i in range(len(lens))])
     proposed += num_draft_tokens * int(active.sum())

@@ -41,7 +41,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="bfloat16", help="activation dtype (weights stay param_dtype)")
   p.add_argument("--param-dtype", default="float32")
   p.add_argument("--ep-transport", default="auto", help="auto | gather | ragged")
-  p.add_argument("--ep-chunk-tokens", type=int, default=2048,
+  p.add_argument("--ep-chunk-tokens", type=int, default=256,
                  help="MoE dispatch chunk per device (bounds the dropless worst-case buffers; 0 = all)")
   p.add_argument("--grad-accum", type=int, default=1)
   p.add_argument("--nonfinite", default="", help="override the trainer's nonfinite policy (skip | stop)")
@@ -82,6 +82,8 @@ def main(argv=None):
   pc = sharding.parallel_config(mesh=sizes, ep_transport=args.ep_transport,
                                 ep_chunk_tokens=args.ep_chunk_tokens)
   mesh = sharding.make_mesh(pc)
+  rules = sharding.fit_batch_rules(mesh, args.batch)
+  edits = [f"{l} -> {a}" for (l, a), (_, b) in zip(rules, sharding.LOGICAL_AXIS_RULES) if a != b]
   counts = longcat_jax.count_params(m)
 
   # Abstract state and batch with shardings.
@@ -93,13 +95,13 @@ def main(argv=None):
   state_sh = sharding.train_state_shardings(tx, state_shape, var_sh, mesh)
   sds = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
   state = jax.tree.map(sds, state_shape, state_sh)
-  bsh = sharding.batch_sharding(mesh, shape=(args.batch, args.seq))
+  bsh = sharding.batch_sharding(mesh, rules, shape=(args.batch, args.seq))
   batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.float32 if k == "loss_mask" else jnp.int32,
                                    sharding=bsh) for k in train.step.BATCH_KEYS}
   t_setup = time.time() - t0
 
   train_step = train.make_train_step(model, config)
-  with sharding.mesh_context(mesh, parallel=pc):
+  with sharding.mesh_context(mesh, rules, parallel=pc):
     step = jax.jit(train_step, donate_argnums=(0,),
                    out_shardings=(state_sh, NamedSharding(mesh, P())))
     t1 = time.time()
@@ -142,6 +144,8 @@ def main(argv=None):
         f"params {args.param_dtype}; EP transport "
         f"{__import__('longcat_jax.parallel.expert_parallel', fromlist=['x']).choose_transport(args.ep_transport, mesh)}"
         f", chunk {args.ep_chunk_tokens or 'off'}")
+  if edits:
+    print(f"   table edit (batch {args.batch} does not split over the batch axes): {'; '.join(edits)}")
   print(f"   setup {t_setup:.0f}s, lower {t_lower:.0f}s, compile {t_compile:.0f}s")
   print(f"{'per device':<34}{'compiled':>12}{'analytic':>12}")
   row = lambda name, a, b: print(f"  {name:<32}{fmt(a):>12}{fmt(b):>12}")
@@ -157,9 +161,13 @@ def main(argv=None):
   fits = total_b <= args.hbm_gib * GiB
   print(f"  fits in {args.hbm_gib:g} GiB HBM: {'YES' if fits else 'NO'} "
         f"({100 * total_b / (args.hbm_gib * GiB):.0f}% used)")
-  print("collectives in the compiled step (per op in the HLO; loop bodies counted once):")
-  for kind, (n, b, where) in sorted(collectives(hlo).items()):
-    print(f"  {kind:<22}{n:>5} ops  {fmt(b):>10} per pass   e.g. {where}")
+  print("collectives in the compiled step (HLO ops; an op inside a loop body counted once; "
+        "bytes = result size):")
+  for kind, cats in sorted(collectives(hlo).items()):
+    n, b = sum(c[0] for c in cats.values()), sum(c[1] for c in cats.values())
+    top = sorted(cats.items(), key=lambda kv: -kv[1][1])[:3]
+    print(f"  {kind:<20}{n:>4} ops {fmt(b):>11}   " +
+          ", ".join(f"{cat} {c[0]} ({fmt(c[1])})" for cat, c in top))
   return 0 if fits else 1
 
 
@@ -211,9 +219,15 @@ _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
 
 
+_CATEGORIES = (("moe/shard_map", "MoE dispatch/combine"), ("/moe/", "router"), ("attn", "attention"),
+               ("mlp", "dense MLP"), ("embed", "embedding"), ("dynamic_index_in_dim", "layer weights"),
+               ("dynamic_slice", "layer weights"), ("dynamic_update", "layer gradients"))
+
+
 def collectives(hlo: str):
-  """{kind: (count, result bytes summed, an example op_name)} over the compiled HLO text."""
-  out = collections.defaultdict(lambda: [0, 0, ""])
+  """{kind: {category: [count, result bytes]}} over the compiled HLO text; the category comes
+  from the op's source location (op_name)."""
+  out = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))
   for line in hlo.splitlines():
     mt = _COLL.search(line)
     if not mt:
@@ -221,13 +235,12 @@ def collectives(hlo: str):
     kind = mt.group(2) + ("-start" if mt.group(3) else "")
     b = sum(_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
             for dt, dims in _SHAPE.findall(mt.group(1)))
-    o = out[kind]
-    o[0] += 1
-    o[1] += b
-    if not o[2]:
-      name = re.search(r'op_name="([^"]*)"', line)
-      o[2] = (name.group(1)[-70:] if name else "")
-  return {k: tuple(v) for k, v in out.items()}
+    name = re.search(r'op_name="([^"]*)"', line)
+    name = name.group(1) if name else ""
+    cat = next((c for key, c in _CATEGORIES if key in name), "other")
+    out[kind][cat][0] += 1
+    out[kind][cat][1] += b
+  return out
 
 
 if __name__ == "__main__":

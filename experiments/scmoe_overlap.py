@@ -61,6 +61,7 @@ def main():
   entry = entry[:entry.index("\n}\n")]
   tags = [("moe dispatch", r"all-gather|all-to-all|ragged-all-to-all", "moe"),
           ("moe combine", r"reduce-scatter|all-reduce", "moe"),
+          ("moe experts", r"dot|convolution|fusion|while", "moe/shard_map"),
           ("mlp_0 matmul", r"dot|convolution|fusion", "mlp_0"),
           ("attn_1 matmul", r"dot|convolution|fusion", "attn_1"),
           ("mlp_1 matmul", r"dot|convolution|fusion", "mlp_1"),
@@ -68,7 +69,7 @@ def main():
   print(f"scheduled ENTRY of one ScMoE layer ({a.preset}, mesh {a.mesh}); relevant instructions in order:")
   last = None
   for i, line in enumerate(entry.splitlines()):
-    m = re.search(r"=\s*\S+\s+([a-z\-]+)\(", line)
+    m = re.search(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z\-]+)\(", line)
     name = re.search(r'op_name="([^"]*)"', line)
     if not m or not name:
       continue

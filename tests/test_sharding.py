@@ -66,6 +66,12 @@ def test_logical_table_layouts():
   assert spec(("embed", "mlp"), (68, 5)) == P("fsdp", None)
   # Activations: tokens over data x fsdp x expert, so `embed` stays whole.
   assert spec(("batch", "length", "embed"), (8, 16, 64)) == P(("fsdp", "expert"), None, None)
+  # A batch smaller than the batch axes: the table edit moves `expert` to the sequence.
+  big = sharding.abstract_mesh(dict(fsdp=64, expert=16), 1024)
+  rules = sharding.fit_batch_rules(big, 256)
+  assert dict(rules)["batch"] == ("data", "fsdp") and dict(rules)["length"] == ("context", "expert")
+  assert sharding.batch_spec(big, rules, (256, 8192)) == P("fsdp", "expert")
+  assert sharding.fit_batch_rules(big, 1024) == sharding.LOGICAL_AXIS_RULES
 
 
 def test_replicated_check_on_documented_layouts():

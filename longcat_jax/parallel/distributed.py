@@ -51,10 +51,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh, rules=sharding.LOGICAL_AXIS_RULES):
-  """This process's rows {name: [B_local, S]} -> global jax.Arrays {name: [B_local * P, S]}.
+  """This process's rows {name: [B_local, S]} -> global jax.Arrays {name: [B, S]} on the mesh.
 
   Uses `jax.make_array_from_process_local_data`: each process passes the rows its own devices
-  hold; which global rows they become is fixed by the mesh (process-major along `batch`).
+  hold; which global rows they become is fixed by the mesh (process-major along `batch`). B is
+  B_local times the batch shards of the mesh over the batch shards this process holds (B_local *
+  process count when the batch axes span the processes).
   """
   out = {}
   num_shards, local_shards = _batch_shards(mesh, rules)

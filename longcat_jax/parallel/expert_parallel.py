@@ -32,7 +32,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import pallas_kernels
 from longcat_jax.model.attention import kernel_impl
@@ -125,14 +125,21 @@ def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, ctx, b
   batch_axes, length_axes = _token_axes(mesh, rules)
   token_axes = batch_axes + length_axes
   ep_axis = EXPERT_AXIS if e > 1 else None
-  # Hidden dim of the experts: the expert_mlp rule's axes, if free and dividing (tensor parallel).
-  mlp_axes = ()
-  for logical, axes in rules:
-    axes = big(_flat_axes(axes))
-    if logical == "expert_mlp" and axes and not set(axes) & set(token_axes + (EXPERT_AXIS,)) \
-        and config.expert_ffn_size % math.prod(mesh.shape[a] for a in axes) == 0:
-      mlp_axes = axes
-      break
+  # Expert weights enter the shard_map sharded as stored. Inside, their FSDP axes (and any
+  # hidden-dim axis that also splits tokens) are all-gathered explicitly, so the gradients leave
+  # through the transpose, a reduce-scatter; hidden-dim axes that do not split tokens stay
+  # sharded (tensor parallel: partial sums, one psum per token at the end).
+  gu_spec = sharding.logical_to_spec(("exp", "embed", "expert_mlp"), w_gate.shape, mesh, rules)
+  d_spec = sharding.logical_to_spec(("exp", "expert_mlp", "embed"), w_down.shape, mesh, rules)
+  if (gu_spec[0], gu_spec[1], gu_spec[2]) != (d_spec[0], d_spec[2], d_spec[1]):
+    raise ValueError(f"expert weights resolve to different layouts: w_gate/w_up {gu_spec}, w_down {d_spec}")
+  if big(_flat_axes(gu_spec[0])) != ((EXPERT_AXIS,) if ep_axis else ()):
+    raise ValueError(f"the FFN experts must be split over exactly the {EXPERT_AXIS!r} mesh axis; the "
+                     f"table gives `exp` -> {gu_spec[0]!r}")
+  embed_axes = big(_flat_axes(gu_spec[1]))
+  mlp_sharded = big(_flat_axes(gu_spec[2]))
+  mlp_axes = tuple(a for a in mlp_sharded if a not in token_axes)
+  mlp_gather = tuple(a for a in mlp_sharded if a in token_axes)
   tokens_split = ep_axis in token_axes
   transport = choose_transport(pc.ep_transport, mesh) if ep_axis else "local"
   if transport.startswith("ragged") and not tokens_split:
@@ -145,25 +152,30 @@ def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, ctx, b
     raise ValueError(f"MoE tokens [batch={b}, length={s}] are not divisible by the mesh axes "
                      f"{batch_axes} ({nb}) x {length_axes} ({ns}) that shard them")
   x3, w3, i3 = (a.reshape(b, s, a.shape[-1]) for a in (x, weights, indices))
-  # Cast before the shard_map so the FSDP all-gather of the expert weights (and the reduce-scatter
-  # of their gradients) moves compute-dtype bytes, not master-weight bytes.
-  w_gate, w_up, w_down = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
+  # Cast while sharded like the parameters, so the gathers move compute-dtype bytes.
+  cast = lambda w, spec: jax.lax.with_sharding_constraint(w.astype(x.dtype), NamedSharding(mesh, spec))
+  w_gate, w_up, w_down = cast(w_gate, gu_spec), cast(w_up, gu_spec), cast(w_down, d_spec)
   tok = P(batch_axes or None, length_axes or None, None)
-  mlp = mlp_axes or None
   body = functools.partial(
       _local_moe, num_ffn_experts=n, ep_axis=ep_axis, tokens_split=tokens_split, mlp_axes=mlp_axes,
-      transport=transport, chunk=int(pc.ep_chunk_tokens), block_m=config.moe_block_size,
-      implementation=kernel_impl(config))
+      gather_axes=(embed_axes, mlp_gather), transport=transport, chunk=int(pc.ep_chunk_tokens),
+      block_m=config.moe_block_size, implementation=kernel_impl(config))
   out = jax.shard_map(body, mesh=mesh, check_vma=False,
-                      in_specs=(tok, tok, tok, P(ep_axis, None, mlp), P(ep_axis, None, mlp),
-                                P(ep_axis, mlp, None)),
+                      in_specs=(tok, tok, tok, gu_spec, gu_spec, d_spec),
                       out_specs=tok)(x3, w3, i3, w_gate, w_up, w_down)
   return out.reshape(t, -1)
 
 
 def _local_moe(x, weights, indices, w_gate, w_up, w_down, *, num_ffn_experts, ep_axis, tokens_split,
-               mlp_axes, transport, chunk, block_m, implementation):
-  """Per device: x [b, s, H], weights/indices [b, s, k], local experts w_* [N/E, ...]."""
+               mlp_axes, gather_axes, transport, chunk, block_m, implementation):
+  """Per device: x [b, s, H], weights/indices [b, s, k], local experts' weight shards."""
+  embed_axes, mlp_gather = gather_axes
+  def gather(w, embed_dim, mlp_dim):  # FSDP all-gather; its transpose reduce-scatters the grads
+    for dim, axes in ((embed_dim, embed_axes), (mlp_dim, mlp_gather)):
+      if axes:
+        w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+    return w
+  w_gate, w_up, w_down = gather(w_gate, 1, 2), gather(w_up, 1, 2), gather(w_down, 2, 1)
   b, s, h = x.shape
   k = indices.shape[-1]
   xt, wt, it = x.reshape(-1, h), weights.reshape(-1, k), indices.reshape(-1, k)

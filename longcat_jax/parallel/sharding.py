@@ -63,6 +63,37 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),                           # the scanned layer axis
 )
 
+def override_rules(rules=LOGICAL_AXIS_RULES, **mapping) -> tuple:
+  """The table with the first rule of each named logical axis replaced (a layout edit):
+  `override_rules(batch=("data", "fsdp"), length=("context", "expert"))`."""
+  out, seen = [], set()
+  for logical, axes in rules:
+    if logical in mapping and logical not in seen:
+      seen.add(logical)
+      axes = mapping[logical]
+    out.append((logical, axes))
+  missing = set(mapping) - seen
+  if missing:
+    raise ValueError(f"override_rules: no rule for logical axes {sorted(missing)} in the table")
+  return tuple(out)
+
+
+def fit_batch_rules(mesh, global_batch: int, rules=LOGICAL_AXIS_RULES) -> tuple:
+  """If `global_batch` does not divide by the mesh axes of `batch`, moves axes (innermost first)
+  from `batch` to `length` until it does: e.g. 256 sequences on fsdp=64 x expert=16 shard the
+  batch over fsdp and each sequence over expert."""
+  first = lambda name: next(a for l, a in rules if l == name)
+  flat = lambda a: () if a is None else ((a,) if isinstance(a, str) else tuple(a))
+  batch, length = list(flat(first("batch"))), list(flat(first("length")))
+  moved = False
+  while batch and global_batch % _axis_size(mesh, batch):
+    length.append(batch.pop())
+    moved = True
+  if global_batch % _axis_size(mesh, batch):
+    raise ValueError(f"global batch {global_batch} is not divisible by any split of the mesh {dict(mesh.shape)}")
+  return override_rules(rules, batch=tuple(batch), length=tuple(length)) if moved else tuple(rules)
+
+
 EP_TRANSPORTS = ("auto", "ragged", "gather", "ragged_emulated")
 
 

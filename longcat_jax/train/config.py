@@ -54,8 +54,8 @@ def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
   c.loss.chunk_tokens = 0          # tokens per output-projection chunk (0 = 16M logits per chunk)
 
   c.controller = ConfigDict()
-  c.controller.rate = 1e-2         # mu of the expert-bias update (spec section 3)
-  c.controller.decay_steps = 200.0  # mu_t = mu / sqrt(1 + t / decay_steps)
+  c.controller.rate = 0.3          # mu of the expert-bias update (spec section 3)
+  c.controller.decay_steps = 100.0  # mu_t = mu / sqrt(1 + t / decay_steps)
 
   c.nonfinite = "skip"             # skip: drop the update, log it; stop: checkpoint-free stop
   c.log_every = 1

@@ -192,7 +192,7 @@ def make_train_step(model, config):
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
       fpt = jnp.moveaxis(fpt, 0, 1).reshape((fpt.shape[1], -1) + fpt.shape[3:])  # [L, B, S]
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     expert_bias = controller.update_expert_bias(state.expert_bias, aux["load"], c, state.step,

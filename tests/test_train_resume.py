@@ -1,0 +1,112 @@
+"""The training job under SIGKILL: resume is bitwise identical; a save killed midway harms nothing."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from longcat_jax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL, EVERY = 30, 5
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _train_cmd(workdir, shared):
+  return [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+          "--config", os.path.join(ROOT, "experiments", "configs", "default.py") + ":smoke",
+          "--workdir", str(workdir), "--noprogress",
+          f"--config.compilation_cache={shared / 'xla_cache'}", f"--config.data.cache_dir={shared / 'corpus'}",
+          f"--config.total_steps={TOTAL}", f"--config.checkpoint_every={EVERY}", "--config.sample_tokens=0"]
+
+
+def _run(cmd, timeout=600):
+  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+  assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+  return out.stdout
+
+
+def _losses(workdir):
+  recs = read_metrics(str(workdir))
+  steps = [r["step"] for r in recs]
+  assert steps == list(range(1, TOTAL + 1)), f"{workdir}: logged steps {steps}"
+  return {r["step"]: (r["loss"], r["nll"], r["grad_norm"], r["ffn_experts_per_token"]) for r in recs}
+
+
+def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
+  shared = tmp_path / "shared"
+  # Uninterrupted reference run (it also fills the compilation cache and builds the corpus).
+  _run(_train_cmd(tmp_path / "ref", shared))
+  ref = _losses(tmp_path / "ref")
+
+  # Same command, killed at a random step after the first checkpoint.
+  seed = int.from_bytes(os.urandom(4), "little")
+  kill_after = int(np.random.RandomState(seed).randint(EVERY + 1, TOTAL - 2))
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(_train_cmd(workdir, shared), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 600
+  while len(read_metrics(str(workdir))) < kill_after:
+    assert proc.poll() is None, f"run ended before the kill (rc {proc.returncode}):\n{proc.stdout.read()[-3000:]}"
+    assert time.time() < deadline, "timed out waiting for the run to reach the kill step"
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  from longcat_jax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(workdir / "checkpoints"))
+  steps = ckpt.all_steps()
+  ckpt.close()
+  assert steps and max(steps) <= kill_after + 1, f"seed {seed}: complete checkpoints {steps} after a kill at step ~{kill_after}"
+
+  out = _run(_train_cmd(workdir, shared))
+  assert f"resumed from {workdir / 'checkpoints'} step {max(steps)}" in out, out
+  got = _losses(workdir)
+  diff = {s: (ref[s], got[s]) for s in ref if ref[s] != got[s]}
+  assert not diff, f"seed {seed}, killed after step {kill_after}, resumed at {max(steps)}: per-step losses differ {diff}"
+  # Running the finished command again only reports.
+  assert "already done: step 30 of 30" in _run(_train_cmd(workdir, shared))
+
+
+_SAVE_THEN_DIE = r"""
+import os, signal, sys
+import jax.numpy as jnp, numpy as np
+from longcat_jax.train.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1], every=1, keep=5)
+ckpt.save(1, {"w": jnp.arange(10.0)}, data={"next_index": 1})
+ckpt.wait()
+big = {"w": jnp.asarray(np.random.RandomState(0).rand(64 << 20).astype(np.float32))}   # 256 MiB
+ckpt.save(2, big, data={"next_index": 2})
+print("save 2 started", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_save_killed_midway_keeps_last_complete_checkpoint(tmp_path):
+  import jax
+  from longcat_jax.train.checkpoint import Checkpointer
+  d = tmp_path / "ckpt"
+  proc = subprocess.run([sys.executable, "-c", _SAVE_THEN_DIE, str(d)], env=_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == -signal.SIGKILL and "save 2 started" in proc.stdout, proc.stderr[-3000:]
+  leftovers = [p for p in os.listdir(d) if p not in ("1",)]
+  assert any("tmp" in p for p in leftovers), f"the kill did not land mid-save: {os.listdir(d)}"
+  ckpt = Checkpointer(str(d), every=1, keep=5)
+  assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+  state, data, _ = ckpt.restore({"w": jax.ShapeDtypeStruct((10,), np.float32)})
+  np.testing.assert_array_equal(state["w"], np.arange(10.0))
+  assert data == {"next_index": 1}
+  # The half-written step is gone and the step can be saved again.
+  assert sorted(os.listdir(d)) == ["1"]
+  ckpt.save(2, {"w": np.ones(3, np.float32)}, data={"next_index": 2})
+  ckpt.close()
+  assert Checkpointer(str(d)).all_steps() == [1, 2]

@@ -114,12 +114,13 @@ def concat_stats(stats: list[dict]) -> dict:
   return out
 
 
-def by_token_type(values: np.ndarray, types: np.ndarray, mask: np.ndarray) -> dict:
-  """Mean of `values` [B, S] per token class -> {class: {"mean", "count"}} (masked positions only)."""
+def by_token_type(values: np.ndarray, types: np.ndarray, mask: np.ndarray, min_count: int = 1) -> dict:
+  """Mean of `values` [B, S] per token class -> {class: {"mean", "count"}} (masked positions only;
+  classes with fewer than `min_count` tokens are left out)."""
   out = {}
   for i, name in enumerate(TOKEN_TYPES):
     sel = (types == i) & mask
-    if sel.any():
+    if sel.sum() >= max(min_count, 1):
       out[name] = {"mean": float(values[sel].mean()), "count": int(sel.sum())}
   return out
 
@@ -217,16 +218,20 @@ class Run:
     return {"params": state.params, "expert_bias": state.expert_bias}
 
 
-def train(config, name: str, *, fresh: bool = True, quiet: bool = True) -> Run:
+REUSE = False  # set by parse_args(--reuse)
+
+
+def train(config, name: str, *, fresh: bool | None = None, quiet: bool = True) -> Run:
   """Trains `config` with the trainer in RUNS_DIR/<name> (wiped first unless `fresh=False`, in
-  which case a finished run there is reused) and returns the Run."""
+  which case a finished run there is reused; default: fresh unless --reuse) and returns the Run."""
+  fresh = (not REUSE) if fresh is None else fresh
   import shutil
   from longcat_jax.train import trainer
   workdir = os.path.join(RUNS_DIR, name)
   if fresh and os.path.exists(workdir):
     shutil.rmtree(workdir)
   t = Timer()
-  log = (lambda msg: print(f"  [{name}] {msg}", flush=True) if msg.startswith(("trained", "grown")) else None) \
+  log = (lambda msg: print(f"  [{name}] {msg}", flush=True) if msg.startswith(("trained", "grown", "already")) else None) \
       if quiet else (lambda msg: print(f"  [{name}] {msg}", flush=True))
   summary = trainer.run(config, workdir, progress=False, log=log)
   summary["wall_seconds"] = t()
@@ -342,13 +347,17 @@ def tail_mean(x, frac: float = 0.1) -> float:
 def parse_args(description: str, scales: dict):
   """--scale (a key of `scales`), --smoke (a few steps; results and runs go under RUNS_DIR/smoke),
   --tag (suffix of the result names). Returns (args, the chosen scale's dict, result name suffix)."""
-  global RESULTS_DIR, RUNS_DIR
+  global RESULTS_DIR, RUNS_DIR, REUSE
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--scale", default="small", choices=sorted(k for k in scales if k != "smoke"),
                  help="experiment size; 'small' is the 2-core CPU setting quoted in RESULTS.md")
   p.add_argument("--smoke", action="store_true", help="a few steps only (tests)")
   p.add_argument("--tag", default="", help="suffix of the result file names")
+  p.add_argument("--reuse", action="store_true",
+                 help="reuse finished runs in RUNS_DIR instead of retraining (re-plot after editing the analysis; "
+                      "the runs must have been made with the same settings)")
   args = p.parse_args()
+  REUSE = args.reuse
   if args.smoke:
     RUNS_DIR = os.path.join(RUNS_DIR, "smoke")
     RESULTS_DIR = os.path.join(RUNS_DIR, "results")

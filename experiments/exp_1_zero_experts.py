@@ -85,10 +85,15 @@ def main():
       target_ffn_experts=zcfg.target_ffn_experts, top_k=zcfg.top_k,
       eval_loss_mean={n: float(np.mean(v)) for n, v in eval_loss.items()},
       eval_loss_gap_dense_minus_zero=gap, eval_loss_seed_spread=spread,
-      ffn_experts_hist=hist, spearman_ffn_experts_vs_loss=rho, spearman_per_layer=rho_layers,
+      ffn_experts_hist=hist, ffn_experts_summed_over_layers_hist=np.bincount(
+          z["ffn_experts"].sum(0)[mask], minlength=zcfg.num_layers * zcfg.top_k + 1) / mask.sum(),
+      loss_by_summed_ffn_experts=[float(z["loss"][mask][z["ffn_experts"].sum(0)[mask] == b].mean())
+                                  if (z["ffn_experts"].sum(0)[mask] == b).sum() >= 20 else None
+                                  for b in range(zcfg.num_layers * zcfg.top_k + 1)],
+      spearman_ffn_experts_vs_loss=rho, spearman_per_layer=rho_layers,
       by_token_type={t: dict(ffn_experts=v["mean"], count=v["count"],
                              loss=common.by_token_type(z["loss"], z["types"], mask)[t]["mean"])
-                     for t, v in common.by_token_type(k_tok, z["types"], mask).items()},
+                     for t, v in common.by_token_type(k_tok, z["types"], mask, min_count=20).items()},
       claims=dict(lower_loss_at_equal_compute=bool(gap > spread),
                   compute_varies_per_token=bool(float(np.std(k_tok[mask])) > 0.1),
                   harder_tokens_get_more_compute=bool(rho > 0.05)),
@@ -113,9 +118,16 @@ def main():
   ax[0, 1].axhline(zcfg.target_ffn_experts, color="k", ls="--", lw=0.8, label="target K_e")
   ax[0, 1].set(xlabel="step", ylabel="FFN experts per token (batch mean)", title="compute per token during training")
   ax[0, 1].legend(fontsize=7)
-  ax[1, 0].bar(np.arange(zcfg.top_k + 1), hist, color="tab:orange")
-  ax[1, 0].set(xlabel="FFN experts used by a token in a layer", ylabel="share of (token, layer)",
-               title="distribution of FFN experts per token")
+  total = z["ffn_experts"].sum(0)[mask]              # FFN experts per token summed over layers
+  bins = np.arange(zcfg.num_layers * zcfg.top_k + 1)
+  share = np.array([(total == b).mean() for b in bins])
+  ax[1, 0].bar(bins, share, color="tab:orange")
+  ax[1, 0].set(xlabel=f"FFN experts used by a token, summed over its {zcfg.num_layers} layers",
+               ylabel="share of tokens (bars)", title="compute per token vs difficulty")
+  twin0 = ax[1, 0].twinx()
+  loss_bin = [z["loss"][mask][total == b].mean() if (total == b).sum() >= 20 else np.nan for b in bins]
+  twin0.plot(bins, loss_bin, "ko-", ms=3)
+  twin0.set_ylabel("mean next-token loss (black)")
   types = sorted(out["by_token_type"], key=lambda t: out["by_token_type"][t]["ffn_experts"])
   x = np.arange(len(types))
   ax[1, 1].bar(x, [out["by_token_type"][t]["ffn_experts"] for t in types], color="tab:orange")

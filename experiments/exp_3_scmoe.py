@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -202,7 +203,6 @@ def compiled_collectives(config, variant: str, mesh, parallel, batch: int, seq: 
   from longcat_jax import train
   from longcat_jax.model import LongcatForCausalLM
   from longcat_jax.parallel import sharding
-  from experiments.plan import collectives
   with layer_variant(variant):
     model = LongcatForCausalLM(config.model)
     var_sh = sharding.variable_shardings(model, mesh)
@@ -216,9 +216,27 @@ def compiled_collectives(config, variant: str, mesh, parallel, batch: int, seq: 
     with sharding.mesh_context(mesh, parallel=parallel):
       step = jax.jit(train.make_train_step(model, config), out_shardings=(state_sh, NamedSharding(mesh, P())))
       hlo = step.lower(state, data).compile().as_text()
-  kinds = {k: dict(ops=n, bytes=b) for k, (n, b, _) in collectives(hlo).items()}
-  return dict(collectives=kinds, async_ops=sum(v["ops"] for k, v in kinds.items() if k.endswith("-start")),
-              has_done_ops="-done(" in hlo)
+  kinds = hlo_collectives(hlo)
+  return dict(collectives=kinds, async_ops=sum(sum(v.values()) for k, v in kinds.items() if k.endswith("-start")))
+
+
+_COLLECTIVE = re.compile(r"\s(all-gather|all-reduce|reduce-scatter|all-to-all|ragged-all-to-all|collective-permute)"
+                         r"(-start|-done)?\(")
+
+
+def hlo_collectives(hlo: str) -> dict:
+  """{kind: {"moe": n, "other": n}}: collective ops in HLO text (loop bodies once), split by whether
+  their source location is inside the MoE layer (op_name contains /moe/)."""
+  out = {}
+  for line in hlo.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    name = re.search(r'op_name="([^"]*)"', line)
+    where = "moe" if name and "/moe/" in name.group(1) else "other"
+    kind = out.setdefault(m.group(1) + (m.group(2) or ""), {"moe": 0, "other": 0})
+    kind[where] += 1
+  return out
 
 
 def analysis_main(scale: dict, out_path: str):

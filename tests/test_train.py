@@ -416,3 +416,52 @@ def test_flops_per_token_matches_parameter_count():
   want = 2 * (pc.activated(1.5) - norms) + attn
   assert metrics.forward_flops_per_token(c, 32, 1.5) == pytest.approx(want, rel=1e-9)
   assert metrics.training_flops_per_token(c, 32, 1.5) == pytest.approx(3 * want, rel=1e-9)
+
+
+def test_mtp_head_matches_a_torch_reference(tmp_path, mtp_setup):
+  """Both MTP heads against the vLLM LongCat MTP structure built from transformers' LongCat modules
+  (MLA, SwiGLU, RMSNorm, interleaved RoPE), loaded from our `model.mtp.*` tensors."""
+  import torch
+  from transformers import LongcatFlashConfig
+  from transformers.models.longcat_flash import modeling_longcat_flash as hf
+  cfg, model, state, _ = mtp_setup
+  c = cfg.model
+  rng = np.random.RandomState(11)
+  params = dict(state.params)
+  params["mtp"] = jax.tree.map(lambda x: x + 0.1 * rng.randn(*x.shape).astype(np.float32), state.params["mtp"])
+  variables = {"params": params, "expert_bias": state.expert_bias}
+  lj.save_pretrained(str(tmp_path / "ck"), model, variables)
+  from longcat_jax.interop import read_mtp_tensors
+  t = {k: torch.as_tensor(v) for k, v in read_mtp_tensors(str(tmp_path / "ck")).items()}
+
+  ids = rng.randint(3, c.vocab_size, (2, 12)).astype(np.int32)
+  hidden = model.apply(variables, ids, return_hidden=True)
+  ours = np.asarray(model.apply(variables, hidden, ids, method=model.mtp_hidden))
+
+  hf_cfg = LongcatFlashConfig(**lj.config.to_hf_config(c))
+  hf_cfg._attn_implementation = "eager"
+  rotary = hf.LongcatFlashRotaryEmbedding(hf_cfg)
+  norm = lambda w: _loaded(hf.LongcatFlashRMSNorm(c.hidden_size, eps=c.rms_norm_eps), {"weight": w})
+  embed = t["model.mtp.embed_tokens.weight"]
+  final = norm(t["model.mtp.norm.weight"])
+  h = torch.tensor(np.array(hidden))
+  pos = torch.arange(12)[None].expand(2, 12)
+  mask = torch.full((12, 12), float("-inf")).triu(1)[None, None]
+  with torch.no_grad():
+    for k in range(c.mtp_num_heads):
+      pre = f"model.mtp.layers.{k}."
+      sub = lambda prefix: {n[len(pre + prefix):]: v for n, v in t.items() if n.startswith(pre + prefix)}
+      attn = _loaded(hf.LongcatFlashMLA(hf_cfg, layer_idx=0), sub("self_attn."))
+      mlp = _loaded(hf.LongcatFlashMLP(hf_cfg, intermediate_size=c.ffn_size), sub("transformer_layer.mlp."))
+      ahead = torch.as_tensor(np.pad(ids, ((0, 0), (0, k + 1)))[:, k + 1:], dtype=torch.long)
+      x = torch.cat([norm(t[pre + "enorm.m.weight"])(embed[ahead]), norm(t[pre + "hnorm.m.weight"])(h)], -1)
+      x = x @ t[pre + "eh_proj.weight"].T
+      x = x + attn(norm(t[pre + "input_layernorm.weight"])(x), rotary(x, pos), mask)[0]
+      x = x + mlp(norm(t[pre + "post_attention_layernorm.weight"])(x))
+      h = final(x)
+      np.testing.assert_allclose(ours[k], h.numpy(), atol=2e-5, rtol=1e-4, err_msg=f"MTP head {k}")
+
+
+def _loaded(module, tensors):
+  module.load_state_dict({n: v for n, v in tensors.items()}, strict=True)
+  return module.float().eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 
 from longcat_jax.inference import generate  # noqa: F401  (longcat_jax.generate(model, variables, ...))
 
@@ -98,6 +99,16 @@ def main(argv=None) -> int:
           file=sys.stderr)
   return 0
 
+
+class _CallableModule(types.ModuleType):
+  """Importing this module rebinds the package attribute `longcat_jax.generate` from the
+  function to the module; calling the module keeps `longcat_jax.generate(model, ...)` working."""
+
+  def __call__(self, *args, **kwargs):
+    return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
   sys.exit(main())

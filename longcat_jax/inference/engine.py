@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longcat_jax.inference.cache import pad_cache
-from longcat_jax.inference.sampling import Sampling, make_sampling, sample
+from longcat_jax.inference.sampling import make_sampling, sample
 from longcat_jax.model.attention import CACHE
 from longcat_jax.model.moe import EXPERT_BIAS
 
@@ -47,20 +47,18 @@ def _ngram_context(tokens, lengths, size: int):
 
 
 def decode_model(model, routed_rows: int):
-  """`model` with the grouped matmul's row block sized for `routed_rows` (token, expert) rows.
+  """`model` with the grouped matmul's row block sized for `routed_rows` (token, slot) rows.
 
-  The XLA grouped matmul pads every expert's rows to `moe_block_size` and runs a static number
-  of blocks, about num_ffn_experts + rows / block: with a decode step's few rows the training
-  block (64) would multiply every expert on padding. A block near rows / num_ffn_experts (1 for
-  small batches) only runs the rows that exist. Dropless either way; the result is the same.
+  The XLA grouped matmul runs a static ceil((rows + N * (block - 1)) / block) row blocks, each
+  reading one expert's weights, N = num_ffn_experts. With fewer rows than experts (a decode step
+  of a small batch) block 1 runs one block per row instead of every expert on padding: it reads
+  only the experts the tokens chose. Dropless either way; the result is the same.
   """
   c = model.config
-  block = max(1, routed_rows // max(c.num_ffn_experts, 1))
-  block = min(1 << (block.bit_length() - 1), c.moe_block_size)
-  if block == c.moe_block_size:
+  if routed_rows >= c.num_ffn_experts or c.moe_block_size == 1:
     return model
   small = c.copy_and_resolve_references()
-  small.moe_block_size = block
+  small.moe_block_size = 1
   return model.clone(config=small)
 
 

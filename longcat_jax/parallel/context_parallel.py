@@ -17,8 +17,10 @@ key/value gradients of the chunks are summed over `context` by the shard_map tra
 `sparse_attention` (LongCat Sparse Attention) needs no offsets: the indexer's selected indices
 are global positions into the gathered compressed cache.
 
-Outside a `sharding.mesh_context` whose `context` axis is > 1 (or when S does not divide), the
-model takes its ordinary single-device path; `is_active` says which.
+The same code runs whenever the rules shard `length` over any mesh axes (e.g. fsdp x expert, when
+`sharding.fit_batch_rules` gives a batch too small for them to the sequence): the chunk offset is
+the device's linear index over those axes. Outside a `sharding.mesh_context` that splits
+sequences (or when S does not divide), the model takes its ordinary path; `is_active` says which.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ def _length_axes(ctx, seq_len: int, batch: int) -> tuple[str, ...]:
 
 
 def is_active(seq_len: int, batch: int) -> bool:
-  """True inside a mesh context whose `context` axis (> 1) shards sequences of this length."""
+  """True inside a mesh context whose rules shard the `length` of [batch, seq_len] over some mesh
+  axis: `context`, or axes the batch cannot use (`sharding.fit_batch_rules` moves them to length)."""
   ctx = sharding.current()
-  return ctx is not None and CONTEXT_AXIS in _length_axes(ctx, seq_len, batch)
+  return ctx is not None and bool(_length_axes(ctx, seq_len, batch))
 
 
 def gather_sequence(x):

@@ -412,8 +412,9 @@ def test_sparse_model_with_large_top_k_equals_dense():
 
 
 def test_sparse_decode_selects_from_cache_like_prefill():
-  """With top_k < S, decoding token by token over the compressed cache (indexer keys cached too)
-  gives the full forward's logits: the same keys are selected from the cache."""
+  """With top_k < S, decoding over the compressed cache (indexer keys cached too), one token at a
+  time or several at once (speculative verification), gives the full forward's logits: the same
+  keys are selected from the cache."""
   from longcat_jax.inference.cache import pad_cache
   from longcat_jax.model.attention import CACHE
   cfg = sparse_tiny(top_k=4)
@@ -429,9 +430,9 @@ def test_sparse_decode_selects_from_cache_like_prefill():
   decode = jax.jit(lambda v, c, t, n: model.apply({**v, CACHE: c}, t, n, method="decode", mutable=[CACHE]))
   got = [model.apply(variables, hidden, method="logits")]
   lengths = jnp.full((2,), n_prompt, jnp.int32)
-  for p in range(n_prompt, ids.shape[1]):
-    h, state = decode(variables, cache, ids[:, p:p + 1], lengths)
-    cache, lengths = state[CACHE], lengths + 1
+  for lo, hi in ((6, 7), (7, 8), (8, 9), (9, 10), (10, 14)):  # one token at a time, then 4 at once
+    h, state = decode(variables, cache, ids[:, lo:hi], lengths)
+    cache, lengths = state[CACHE], lengths + (hi - lo)
     got.append(model.apply(variables, h, method="logits"))
   got = np.concatenate([np.asarray(g) for g in got], axis=1)
   np.testing.assert_allclose(got, np.asarray(full), atol=2e-5)

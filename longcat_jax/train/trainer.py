@@ -85,10 +85,11 @@ def greedy_sample(model, params, expert_bias, prompt: list[int], num_tokens: int
   variables = {"params": params, "expert_bias": expert_bias}
   try:
     from longcat_jax.inference import generate  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    generate = None
+  if generate is not None:
     out = generate(model, variables, [prompt], num_tokens, temperature=0.0, eos_token_id=())
     return [int(t) for t in out.tokens[0][:int(out.num_tokens[0])]]
-  except ImportError:
-    pass
   total = len(prompt) + num_tokens
   ids = np.zeros((1, total), np.int32)
   ids[0, :len(prompt)] = prompt

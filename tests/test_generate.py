@@ -3,6 +3,7 @@
 import importlib
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +99,6 @@ def test_cache_holds_only_latent_and_rope_key():
   assert inference.cache_values_per_token(c) == 28 * 2 * (512 + 64)
   assert inference.cache_bytes_per_token(c) == 28 * 2 * 576 * 2
   model = lj.LongcatForCausalLM(c)
-  import flax.linen as nn
   shapes = jax.eval_shape(lambda: {k: nn.meta.unbox(v) for k, v in model.init(
       jax.random.key(0), jnp.zeros((1, 1), jnp.int32)).items() if k in ("params", "expert_bias")})
   engine = engine_lib.Engine(model)
@@ -106,7 +106,7 @@ def test_cache_holds_only_latent_and_rope_key():
                                                    Sampling(0.0), jax.random.key(0), cache_size=256)[0], shapes)
   leaves = jax.tree.leaves(cache)
   assert all(x.shape[:3] == (28, 2, 256) and x.dtype == jnp.bfloat16 for x in leaves)
-  assert sum(x.shape[0] * x.shape[-1] for x in leaves) == inference.cache_values_per_token(c) // 1
+  assert sum(x.shape[0] * x.shape[-1] for x in leaves) == inference.cache_values_per_token(c)
 
 
 def test_sampling_filters():
@@ -244,9 +244,12 @@ def test_mtp_drafts_match_full_recompute(mtp_model):
     for i in range(2):
       seqs[i].extend(np.asarray(emitted)[i, :int(num[i])].tolist())
   ids = np.array([s[:32] + [0] * (32 - len(s[:32])) for s in seqs])
-  hidden = model.apply(variables, ids, return_hidden=True)
-  head1 = model.apply(variables, hidden, ids, method="mtp_hidden")[0]
-  want = np.asarray(jnp.argmax(model.apply(variables, head1, method="logits"), -1))
+  def head1_argmax(variables, ids):
+    hidden = model.apply(variables, ids, return_hidden=True)
+    head1 = model.apply(variables, hidden, ids, method="mtp_hidden")[0]
+    return jnp.argmax(model.apply(variables, head1, method="logits"), -1)
+
+  want = np.asarray(jax.jit(head1_argmax)(variables, ids))
   for m, drafts in record:
     np.testing.assert_array_equal(drafts, want[np.arange(2), m - 1])
 
@@ -291,3 +294,22 @@ def test_cli_streams_text_and_reports_throughput(tmp_path, capsys, mtp_model):
   again = lj.generate(loaded, loaded_vars, [[tok.bos_id] + tok.encode(prompt)], 12, temperature=0.0,
                       eos_token_id=tok.eos_id, num_draft_tokens=1)
   np.testing.assert_array_equal(again.tokens, want.tokens)
+
+
+def test_sharded_generation_equals_single_device(reference):
+  """On a data x tensor mesh the cache is sharded along batch and the tokens do not change."""
+  from longcat_jax.parallel import sharding
+  _, _, model, variables = reference
+  want = inference.generate(model, variables, PROMPTS, 8, temperature=0.0, eos_token_id=())
+  pc = sharding.parallel_config(mesh=dict(data=2, tensor=4))
+  mesh = sharding.make_mesh(pc)
+  shardings = sharding.variable_shardings(model, mesh)
+  placed = {k: jax.device_put(variables[k], shardings[k]) for k in ("params", "expert_bias")}
+  tokens = np.zeros((2, 16), np.int32)
+  with sharding.mesh_context(mesh, parallel=pc):
+    got = inference.generate(model, placed, PROMPTS, 8, temperature=0.0, eos_token_id=())
+    cache = engine_lib.engine_for(model).prefill(placed, tokens, jnp.array([3, 3]), Sampling(0.0),
+                                                 jax.random.key(0), cache_size=64)[0]
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  for leaf in jax.tree.leaves(cache):  # [layers, batch, slots, features]
+    assert leaf.sharding.spec[1] in ("data", ("data",)), leaf.sharding.spec

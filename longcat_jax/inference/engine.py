@@ -49,16 +49,20 @@ def _ngram_context(tokens, lengths, size: int):
 def decode_model(model, routed_rows: int):
   """`model` with the grouped matmul's row block sized for `routed_rows` (token, slot) rows.
 
-  The XLA grouped matmul runs a static ceil((rows + N * (block - 1)) / block) row blocks, each
-  reading one expert's weights, N = num_ffn_experts. With fewer rows than experts (a decode step
-  of a small batch) block 1 runs one block per row instead of every expert on padding: it reads
-  only the experts the tokens chose. Dropless either way; the result is the same.
+  The XLA grouped matmul pads each of the N = num_ffn_experts groups to a multiple of
+  `moe_block_size` rows and runs about N + rows / block blocks: with the training block (64) a
+  decode step's few rows would multiply every expert on padding. Here the block is the largest
+  power of two <= rows / (8 N) (at least 1), so padding stays under ~1/8 of the rows. Dropless
+  either way; only the padding changes. (CPU, `small` preset, 32 experts: block 1 beats 64 by
+  1.9x at B=1 and 1.1x at B=32.)
   """
   c = model.config
-  if routed_rows >= c.num_ffn_experts or c.moe_block_size == 1:
+  block = max(1, routed_rows // (8 * max(c.num_ffn_experts, 1)))
+  block = min(1 << (block.bit_length() - 1), c.moe_block_size)
+  if block == c.moe_block_size:
     return model
   small = c.copy_and_resolve_references()
-  small.moe_block_size = 1
+  small.moe_block_size = block
   return model.clone(config=small)
 
 

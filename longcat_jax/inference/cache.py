@@ -42,8 +42,3 @@ def pad_cache(cache, cache_size: int):
     return nn.with_logical_constraint(x, cache_axes(x.ndim))
 
   return jax.tree.map(pad, cache)
-
-
-def cache_size_of(cache) -> int:
-  """Slots per row of a cache tree."""
-  return jax.tree.leaves(cache)[0].shape[-2]

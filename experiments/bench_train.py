@@ -21,10 +21,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,9 +28,18 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: all cores, each side's default)")
   args = p.parse_args(argv)
+  if args.threads == 1:  # before JAX starts its CPU client
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  elif args.threads > 1:
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" intra_op_parallelism_threads={args.threads}"
+  args.threads = args.threads or os.cpu_count()
 
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
   import torch
   from transformers import LongcatFlashForCausalLM
 

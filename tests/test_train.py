@@ -195,27 +195,33 @@ def test_optimizer_groups_masks_and_width_transfer():
   mult = optim.lr_multipliers(groups, s)
   assert mult["embed_tokens"] == 1.0 and mult["lm_head"] == 0.5 and mult["decoder"]["layers"]["mlp_0"]["up"] == 0.5
   assert mult["final_norm"]["scale"] == 1.0
-  base = lj.init_variables(model, jax.random.split(jax.random.PRNGKey(0))[0])["params"]
-  scaled = train.init_train_state(model, cfg, jax.random.PRNGKey(0)).params     # same init key inside
-  np.testing.assert_allclose(scaled["lm_head"], base["lm_head"] / np.sqrt(2), rtol=1e-6)
-  np.testing.assert_array_equal(scaled["embed_tokens"], base["embed_tokens"])
-  np.testing.assert_array_equal(scaled["final_norm"]["scale"], base["final_norm"]["scale"])
+  fake = jax.tree.map(lambda g: jnp.full((4, 4), 2.0), groups)
+  scaled_fake = optim.scale_init_for_width(fake, groups, s)
+  assert float(scaled_fake["lm_head"][0, 0]) == pytest.approx(2.0 / np.sqrt(2))
+  assert float(scaled_fake["embed_tokens"][0, 0]) == 2.0 and float(scaled_fake["final_norm"]["scale"][0, 0]) == 2.0
+  cfg.optimizer.proxy_hidden_size = cfg.model.hidden_size // 4                  # s = 4: std 0.02 -> 0.01
+  scaled = train.init_train_state(model, cfg, jax.random.PRNGKey(0)).params
+  assert float(jnp.std(scaled["lm_head"])) == pytest.approx(0.01, rel=0.06)
+  assert float(jnp.std(scaled["decoder"]["layers"]["mlp_0"]["up"])) == pytest.approx(0.01, rel=0.06)
+  assert float(jnp.std(scaled["embed_tokens"])) == pytest.approx(0.02, rel=0.06)
+  np.testing.assert_array_equal(scaled["final_norm"]["scale"], 1.0)
+  cfg.optimizer.proxy_hidden_size = cfg.model.hidden_size // 2
   # One update: hidden leaves move half as far as without transfer, embeddings as far.
   opt = cfg.optimizer
   opt.schedule, opt.warmup_steps = "constant", 0
   grads = jax.tree.map(jnp.ones_like, scaled)
   tx, _ = optim.make_optimizer(opt, groups, 100, cfg.model.hidden_size)
-  upd, _ = tx.update(grads, tx.init(scaled), scaled)
+  upd, _ = jax.jit(tx.update)(grads, tx.init(scaled), scaled)
   opt.proxy_hidden_size = 0
   tx1, _ = optim.make_optimizer(opt, groups, 100, cfg.model.hidden_size)
-  upd1, _ = tx1.update(grads, tx1.init(scaled), scaled)
+  upd1, _ = jax.jit(tx1.update)(grads, tx1.init(scaled), scaled)
   ratio = lambda a, b: float(jnp.abs(a).mean() / jnp.abs(b).mean())
   assert ratio(upd["decoder"]["layers"]["mlp_0"]["up"], upd1["decoder"]["layers"]["mlp_0"]["up"]) == pytest.approx(0.5)
   assert ratio(upd["embed_tokens"], upd1["embed_tokens"]) == pytest.approx(1.0)
   # Weight decay (lr 1, decay 0.5, zero gradients): matrices shrink, norm gains do not.
   opt.lr, opt.weight_decay = 1.0, 0.5
   tx0, _ = optim.make_optimizer(opt, groups, 100, cfg.model.hidden_size)
-  upd0, _ = tx0.update(jax.tree.map(jnp.zeros_like, scaled), tx0.init(scaled), scaled)
+  upd0, _ = jax.jit(tx0.update)(jax.tree.map(jnp.zeros_like, scaled), tx0.init(scaled), scaled)
   np.testing.assert_allclose(upd0["lm_head"], -0.5 * scaled["lm_head"], rtol=1e-6)
   np.testing.assert_array_equal(upd0["final_norm"]["scale"], 0.0)
 
@@ -249,30 +255,30 @@ def mtp_setup():
 
 
 def test_packed_documents_do_not_interact(mtp_setup):
-  """Loss of a row with two packed documents == losses of each document alone (main + MTP heads)."""
-  cfg, model, state, _ = mtp_setup
-  loss_fn = train.step.make_loss_fn(model, cfg)
+  """Loss of a row with two packed documents == losses of each document alone (main + each MTP head)."""
+  cfg, model, state, step = mtp_setup
   rng = np.random.RandomState(5)
   a, b = rng.randint(3, 64, 13), rng.randint(3, 64, 19)
 
-  def row(docs, seq=32):
-    ids, seg, pos = np.zeros(seq, np.int32), np.zeros(seq, np.int32), np.zeros(seq, np.int32)
+  def batch(docs, seq=32):
+    """Row 0 holds `docs` packed; rows 1-3 are padding (the compiled step's batch shape)."""
+    ids, seg, pos = np.zeros((4, seq), np.int32), np.zeros((4, seq), np.int32), np.zeros((4, seq), np.int32)
     at = 0
     for i, d in enumerate(docs):
-      ids[at:at + len(d)], seg[at:at + len(d)], pos[at:at + len(d)] = d, i + 1, np.arange(len(d))
+      ids[0, at:at + len(d)], seg[0, at:at + len(d)], pos[0, at:at + len(d)] = d, i + 1, np.arange(len(d))
       at += len(d)
-    same = (seg[1:] == seg[:-1]) & (seg[1:] > 0)
-    mask = np.r_[same, False].astype(np.float32)
-    tgt = np.r_[np.where(same, ids[1:], 0), 0].astype(np.int32)
-    return dict(input_ids=ids[None], targets=tgt[None], segment_ids=seg[None], positions=pos[None],
-                loss_mask=mask[None])
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    mask = np.concatenate([same, np.zeros((4, 1), bool)], 1).astype(np.float32)
+    tgt = np.concatenate([np.where(same, ids[:, 1:], 0), np.zeros((4, 1), np.int32)], 1)
+    return dict(input_ids=ids, targets=tgt, segment_ids=seg, positions=pos, loss_mask=mask)
 
-  def sums(batch):
-    norms = (1.0, 1.0, jnp.ones((2,)), 1.0)
-    _, aux = jax.jit(loss_fn)(state.params, state.expert_bias, batch, norms, jax.random.PRNGKey(0))
-    return np.asarray(aux["nll_sum"]), np.asarray(aux["mtp_sums"])
+  def sums(docs):
+    bt = batch(docs)
+    _, m = step(state, bt)
+    _, w = losses.mtp_targets(jnp.asarray(bt["input_ids"]), jnp.asarray(bt["loss_mask"]), 2)
+    return float(m["nll"]) * float(m["tokens"]), np.asarray(m["mtp_loss_per_head"]) * np.asarray(w.sum((1, 2)))
 
-  packed, alone_a, alone_b = sums(row([a, b])), sums(row([a])), sums(row([b]))
+  packed, alone_a, alone_b = sums([a, b]), sums([a]), sums([b])
   np.testing.assert_allclose(packed[0], alone_a[0] + alone_b[0], rtol=2e-5)
   np.testing.assert_allclose(packed[1], alone_a[1] + alone_b[1], rtol=2e-5)
   assert packed[1].shape == (2,) and (packed[1] > 0).all()
@@ -330,12 +336,17 @@ def test_growth_stacks_layers_and_trains():
     np.testing.assert_array_equal(leaf[0], small[0], err_msg=str(path))
     np.testing.assert_array_equal(leaf[1], small[0], err_msg=str(path))
   np.testing.assert_array_equal(params["lm_head"], state.params["lm_head"])
-  # The grown model continues training: one step, finite, and it changes the weights.
+  # The grown model continues training: one step, finite, and it changes the weights. (This step
+  # also covers bf16 compute on float32 master weights and rematerialisation.)
+  big_cfg.model.dtype, big_cfg.model.remat = "bfloat16", "save_dots"
+  big_model = lj.LongcatForCausalLM(big_cfg.model)
   grown = train.state_from_params(big_model, big_cfg, params, bias, jax.random.PRNGKey(3))
   big_cfg.optimizer.schedule, big_cfg.optimizer.warmup_steps = "constant", 0
   batch = packed_batch(np.random.RandomState(8), 4, cfg.seq_len, cfg.model.vocab_size)
   new, m = jax.jit(train.make_train_step(big_model, big_cfg))(grown, batch)
   assert np.isfinite(float(m["loss"])) and m["ffn_experts_mean"].shape == (2,)
+  assert abs(float(m["nll"]) - np.log(cfg.model.vocab_size)) < 0.5      # bf16 forward of a near-uniform model
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
   assert float(jnp.abs(new.params["lm_head"] - params["lm_head"]).max()) > 0
 
 
@@ -343,12 +354,10 @@ def test_growth_stacks_layers_and_trains():
 # Checkpoints across meshes.
 
 
-def test_restore_onto_another_mesh_gives_same_loss(tmp_path):
+def test_restore_onto_another_mesh_gives_same_loss(tmp_path, mtp_setup):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
-  cfg = small_config()
-  model = lj.LongcatForCausalLM(cfg.model)
-  state = train.init_train_state(model, cfg, jax.random.PRNGKey(4))
+  cfg, model, state, _ = mtp_setup
   # A non-trivial optimizer state and expert bias (as after some training).
   noise = np.random.RandomState(10)
   perturb = lambda x: (x + noise.rand(*x.shape).astype(x.dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x

@@ -18,7 +18,7 @@ Signature (for the AOT planner and sharding tests):
   (`abstract_train_state`).
   metrics: float32 scalars loss (the optimised objective), nll (mean next-token cross-entropy),
     z_loss (hidden z-loss without lambda), balance_loss (without alpha), mtp_loss (mean over
-    heads; 0 without MTP), grad_norm (before clipping), lr, tokens (loss tokens), nonfinite
+    heads; 0 without MTP; per head: mtp_loss_per_head [N]), grad_norm (before clipping), lr, tokens (loss tokens), nonfinite
     (1 if the step was non-finite: with `nonfinite="skip"` its update was dropped);
     ffn_experts_mean / ffn_experts_std [L] (FFN experts per real token, per layer);
     expert_load [L, N+Z] (global assignment counts this step).
@@ -209,10 +209,11 @@ def make_train_step(model, config):
     n_loss, n_real, n_mtp_tokens, _ = norms
     token_mask = (batch["segment_ids"] > 0)
     fpt_mean, fpt_std = controller.ffn_experts_stats(fpt, token_mask)
+    mtp_per_head = aux["mtp_sums"][:c.mtp_num_heads] / jnp.maximum(n_mtp_tokens, 1.0)
     metrics = dict(
         loss=objective, nll=aux["nll_sum"] / n_loss, z_loss=aux["z_sum"] / n_real, balance_loss=aux["balance"],
-        mtp_loss=jnp.mean(aux["mtp_sums"] / jnp.maximum(n_mtp_tokens, 1.0)) if c.mtp_num_heads else
-        jnp.zeros((), jnp.float32),
+        mtp_loss=jnp.mean(mtp_per_head) if c.mtp_num_heads else jnp.zeros((), jnp.float32),
+        mtp_loss_per_head=mtp_per_head,
         grad_norm=grad_norm, lr=jnp.asarray(schedule(state.step), jnp.float32), tokens=n_loss,
         nonfinite=(~ok).astype(jnp.float32), ffn_experts_mean=fpt_mean, ffn_experts_std=fpt_std,
         expert_load=_single_leaf(aux["load"]) if c.num_ffn_experts + c.zero_experts else jnp.zeros((0,)))

@@ -344,7 +344,7 @@ def tail_mean(x, frac: float = 0.1) -> float:
 # Command line.
 
 
-def parse_args(description: str, scales: dict):
+def parse_args(description: str, scales: dict, add_arguments=None):
   """--scale (a key of `scales`), --smoke (a few steps; results and runs go under RUNS_DIR/smoke),
   --tag (suffix of the result names). Returns (args, the chosen scale's dict, result name suffix)."""
   global RESULTS_DIR, RUNS_DIR, REUSE
@@ -356,6 +356,8 @@ def parse_args(description: str, scales: dict):
   p.add_argument("--reuse", action="store_true",
                  help="reuse finished runs in RUNS_DIR instead of retraining (re-plot after editing the analysis; "
                       "the runs must have been made with the same settings)")
+  if add_arguments is not None:
+    add_arguments(p)
   args = p.parse_args()
   REUSE = args.reuse
   if args.smoke:

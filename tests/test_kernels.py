@@ -341,3 +341,76 @@ def test_tiny_model_interpret_matches_xla():
   assert not no_kernels
   assert_close(logits, logits_r, F32_TOL, "logits")
   assert_tree_close(grads, grads_r, F32_TOL, "grads")
+
+
+def test_sharded_step_interpret_matches_xla():
+  """The same sharded loss + gradient step on 8 simulated devices (fsdp=2 x expert=4: each
+  device holds 2 of the 8 FFN experts, tokens dispatched by the expert-parallel shard_map), with
+  kernels="interpret" and kernels="xla": same loss, logits, expert load and gradients."""
+  import longcat_jax
+  from longcat_jax.parallel import sharding
+
+  b, s = 8, 8  # one row per device: tokens are split over fsdp x expert
+  pc = sharding.parallel_config(mesh=dict(fsdp=2, expert=4))
+  mesh = sharding.make_mesh(pc)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 320, (b, s + 1)).astype(np.int32)
+  seg = np.repeat(np.array([[1] * 5 + [2] * 3]), b, 0).astype(np.int32)  # two packed documents
+  pos = np.repeat(np.array([[0, 1, 2, 3, 4, 0, 1, 2]]), b, 0).astype(np.int32)
+  batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=seg, positions=pos)
+  models = {k: longcat_jax.LongcatForCausalLM(longcat_jax.get_config("tiny", kernels=k))
+            for k in ("interpret", "xla")}
+  variables = longcat_jax.init_variables(models["xla"], jax.random.key(0))  # same for both kernels
+  variables["expert_bias"] = jax.tree.map(  # large enough to change some selections
+      lambda x: 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), variables["expert_bias"])
+
+  def run(kernels):
+    model = models[kernels]
+
+    def loss_fn(params, expert_bias, batch):
+      logits, out = model.apply({"params": params, "expert_bias": expert_bias}, batch["input_ids"],
+                                batch["positions"], batch["segment_ids"],
+                                mutable=["expert_load", "intermediates"])
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+      ce = -jnp.take_along_axis(logp, batch["targets"][..., None], -1).mean()
+      prob = out["intermediates"]["decoder"]["layers"]["moe"]["router_prob_mean"][0]  # [L, N+Z]
+      load = out["expert_load"]["decoder"]["layers"]["moe"]["router"]
+      # A balance-style term, so the router's probabilities get gradients too.
+      loss = ce + 0.01 * (prob * load / load.sum(-1, keepdims=True)).sum()
+      return loss, (logits, load)
+
+    vs = sharding.variable_shardings(model, mesh)
+    bs = sharding.batch_sharding(mesh, shape=(b, s))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    args = (jax.device_put(variables["params"], vs["params"]),
+            jax.device_put(variables["expert_bias"], vs["expert_bias"]),
+            {k: jax.device_put(v, bs) for k, v in batch.items()})
+    with sharding.mesh_context(mesh, parallel=pc):
+      step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                     in_shardings=(vs["params"], vs["expert_bias"], {k: bs for k in batch}),
+                     out_shardings=((rep, (bs, rep)), vs["params"]))
+      traced = step.trace(*args)
+      (loss, (logits, load)), grads = traced.lower().compile(
+          {"xla_backend_optimization_level": 0})(*args)
+    # Which Pallas kernels run inside the expert-parallel shard_map (per-device expert FFN).
+    in_shard_map = {e.params["name"] for sm in _equations(traced.jaxpr.jaxpr)
+                    if sm.primitive.name == "shard_map"
+                    for e in _equations(sm.params["jaxpr"]) if e.primitive.name == "pallas_call"}
+    kernels_used = {e.params["name"] for e in _equations(traced.jaxpr.jaxpr)
+                    if e.primitive.name == "pallas_call"}
+    return loss, logits, load, grads, kernels_used, in_shard_map
+
+  loss, logits, load, grads, kernels, in_sm = run("interpret")
+  loss_r, logits_r, load_r, grads_r, kernels_r, _ = run("xla")
+  assert kernels >= {"topk_route", "grouped_matmul", "grouped_matmul_tgmm", "mla_attention_fwd",
+                     "mla_attention_dkv", "mla_attention_dq"}, kernels
+  assert in_sm >= {"topk_route", "grouped_matmul", "grouped_matmul_tgmm"}, in_sm
+  assert not kernels_r
+  # The program is sharded: expert weights and their gradients are split over `expert` (and fsdp).
+  w_gate = grads["decoder"]["layers"]["moe"]["w_gate"]  # [L, N, H, I]
+  assert w_gate.sharding.spec[1] == "expert", w_gate.sharding.spec
+  assert {s.data.shape for s in w_gate.addressable_shards} == {(2, 2, 32, 32)}
+  np.testing.assert_array_equal(load, load_r)
+  assert_close(loss, loss_r, F32_TOL, "loss")
+  assert_close(logits, logits_r, F32_TOL, "logits")
+  assert_tree_close(grads, grads_r, F32_TOL, "grads")

@@ -73,6 +73,37 @@ def _pad_to(x, shape):
   return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)])
 
 
+# Inside a `shard_map` (check_vma=True) every value's type names the mesh axes it varies over. A
+# product of rows varying over the token axes with weights that do not (e.g. replicated over
+# `data`) varies over both; the custom VJPs below must hand back each cotangent with its primal's
+# type, so they sum over the extra axes: the transpose of the implicit broadcast of the primal.
+
+
+def _varying(x) -> frozenset:
+  return jax.typeof(x).manual_axis_type.varying
+
+
+def _varying_zeros(shape, dtype, *like):
+  """Zeros varying over the axes of `like` (a scan carry keeps the type of what it accumulates)."""
+  axes = tuple(sorted(frozenset().union(*map(_varying, like))))
+  zeros = jnp.zeros(shape, dtype)
+  return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+
+
+def _common_type(*xs):
+  """(xs cast to vary over the union of their axes, that ManualAxisType): a pallas_call's operands
+  and the type its out_shape must name under check_vma."""
+  axes = frozenset().union(*map(_varying, xs))
+  xs = [jax.lax.pcast(x, tuple(sorted(axes - _varying(x))), to="varying") for x in xs]
+  return xs, jax.typeof(xs[0]).manual_axis_type
+
+
+def _sum_to_type_of(cotangent, primal):
+  """`cotangent` psum-ed over the shard_map axes it varies over and `primal` does not."""
+  extra = tuple(sorted(_varying(cotangent) - _varying(primal)))
+  return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
 # ---------------------------------------------------------------------------------------------
 # Pallas kernels (Triton on GPU; interpret mode anywhere).
 
@@ -129,20 +160,20 @@ def _gmm_call(lhs, rhs, group_sizes, tiles, interpret, transpose_rhs=False):
   tm, tk, tn = tiles
   m, k = lhs.shape
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  meta = _work_items(group_sizes, m, tm)
+  args, vma = _common_type(*_work_items(group_sizes, m, tm), lhs, rhs, jnp.zeros((m, n), lhs.dtype))
   whole = pl.no_block_spec
   return pl.pallas_call(
       functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, num_k_tiles=k // tk,
                         transpose_rhs=transpose_rhs),
-      grid=(n // tn, meta[0].shape[0]),
+      grid=(n // tn, args[0].shape[0]),
       in_specs=[whole] * 7,
       out_specs=whole,
-      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype, manual_axis_type=vma),
       input_output_aliases={6: 0},
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="grouped_matmul",
-  )(*meta, lhs, rhs, jnp.zeros((m, n), lhs.dtype))
+  )(*args)
 
 
 def _tgmm_kernel(start_ref, end_ref, lhs_ref, dy_ref, out_ref, *, tm: int, tk: int, tn: int):
@@ -167,17 +198,18 @@ def _tgmm_call(lhs, dy, group_sizes, tiles, interpret, out_dtype):
   tm, tk, tn = tiles
   (m, k), n, g = lhs.shape, dy.shape[1], group_sizes.shape[0]
   ends = jnp.cumsum(group_sizes).astype(jnp.int32)
+  args, vma = _common_type(ends - group_sizes, ends, lhs, dy)
   whole = pl.no_block_spec
   return pl.pallas_call(
       functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),
       grid=(g, k // tk, n // tn),
       in_specs=[whole] * 4,
       out_specs=pl.BlockSpec((None, tk, tn), lambda gi, ki, ni: (gi, ki, ni)),
-      out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+      out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype, manual_axis_type=vma),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="grouped_matmul_tgmm",
-  )(ends - group_sizes, ends, lhs, dy)
+  )(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -194,7 +226,7 @@ def _gmm_bwd(tiles, interpret, res, dy):
   tm, tk, tn = tiles
   dlhs = _gmm_call(dy, rhs, group_sizes, (tm, tn, tk), interpret, transpose_rhs=True)
   drhs = _tgmm_call(lhs, dy, group_sizes, tiles, interpret, rhs.dtype)
-  return dlhs, drhs, None
+  return _sum_to_type_of(dlhs, lhs), _sum_to_type_of(drhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -246,7 +278,7 @@ def _megablox_bwd(tiling, interpret, res, dy):
   dlhs = mb.gmm(dy, rhs, group_sizes, lhs.dtype, (tiling[0], tiling[2], tiling[1]),
                 transpose_rhs=True, interpret=interpret)
   drhs = mb.tgmm(lhs.swapaxes(0, 1), dy, group_sizes, rhs.dtype, tiling, interpret=interpret)
-  return _zero_tail(dlhs, group_sizes), drhs, None
+  return _sum_to_type_of(_zero_tail(dlhs, group_sizes), lhs), _sum_to_type_of(drhs, rhs), None
 
 
 _megablox_gmm.defvjp(_megablox_fwd, _megablox_bwd)
@@ -338,8 +370,9 @@ def _blocked_bwd(block_m, res, dy):
     cur = jax.lax.dynamic_index_in_dim(drhs, g, keepdims=False)
     return jax.lax.dynamic_update_index_in_dim(drhs, cur + upd, g, 0), None
 
-  drhs, _ = jax.lax.scan(step, jnp.zeros(rhs.shape, jnp.float32), (xb, dyb, block_group))
-  return dlhs, drhs.astype(rhs.dtype), None
+  drhs, _ = jax.lax.scan(step, _varying_zeros(rhs.shape, jnp.float32, xb, dyb, block_group),
+                         (xb, dyb, block_group))
+  return _sum_to_type_of(dlhs, lhs), _sum_to_type_of(drhs.astype(rhs.dtype), rhs), None
 
 
 grouped_matmul_blocked.defvjp(_blocked_fwd, _blocked_bwd)

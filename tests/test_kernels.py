@@ -392,20 +392,22 @@ def test_sharded_step_interpret_matches_xla():
       traced = step.trace(*args)
       (loss, (logits, load)), grads = traced.lower().compile(
           {"xla_backend_optimization_level": 0})(*args)
-    # Which Pallas kernels run inside the expert-parallel shard_map (per-device expert FFN).
-    in_shard_map = {e.params["name"] for sm in _equations(traced.jaxpr.jaxpr)
-                    if sm.primitive.name == "shard_map"
-                    for e in _equations(sm.params["jaxpr"]) if e.primitive.name == "pallas_call"}
-    kernels_used = {e.params["name"] for e in _equations(traced.jaxpr.jaxpr)
+    eqns = list(_equations(traced.jaxpr.jaxpr))
+    shard_maps = [e for e in eqns if e.primitive.name == "shard_map"]
+    kernels_used = {e.params["name"] for e in eqns if e.primitive.name == "pallas_call"}
+    # Which Pallas kernels run inside the shard_maps (routing, per-device expert FFN).
+    in_shard_map = {e.params["name"] for sm in shard_maps for e in _equations(sm.params["jaxpr"])
                     if e.primitive.name == "pallas_call"}
-    return loss, logits, load, grads, kernels_used, in_shard_map
+    type_checked = {sm.params["check_vma"] for sm in shard_maps}
+    return loss, logits, load, grads, kernels_used, in_shard_map, type_checked
 
-  loss, logits, load, grads, kernels, in_sm = run("interpret")
-  loss_r, logits_r, load_r, grads_r, kernels_r, _ = run("xla")
+  loss, logits, load, grads, kernels, in_sm, _ = run("interpret")
+  loss_r, logits_r, load_r, grads_r, kernels_r, _, checked_r = run("xla")
   assert kernels >= {"topk_route", "grouped_matmul", "grouped_matmul_tgmm", "mla_attention_fwd",
                      "mla_attention_dkv", "mla_attention_dq"}, kernels
   assert in_sm >= {"topk_route", "grouped_matmul", "grouped_matmul_tgmm"}, in_sm
   assert not kernels_r
+  assert True in checked_r  # the XLA expert FFN runs in a type-checked (check_vma) shard_map
   # The program is sharded: expert weights and their gradients are split over `expert` (and fsdp).
   w_gate = grads["decoder"]["layers"]["moe"]["w_gate"]  # [L, N, H, I]
   assert w_gate.sharding.spec[1] == "expert", w_gate.sharding.spec

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import pallas_kernels
+from pallas_kernels.grouped_matmul import grouped_matmul_op
 from longcat_jax.model.attention import kernel_impl
 from longcat_jax.model.moe import dropless_experts
 from longcat_jax.parallel import sharding
@@ -160,10 +161,19 @@ def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, ctx, b
       _local_moe, num_ffn_experts=n, ep_axis=ep_axis, tokens_split=tokens_split, mlp_axes=mlp_axes,
       gather_axes=(embed_axes, mlp_gather), transport=transport, chunk=int(pc.ep_chunk_tokens),
       block_m=config.moe_block_size, implementation=kernel_impl(config))
-  out = jax.shard_map(body, mesh=mesh, check_vma=False,
+  out = jax.shard_map(body, mesh=mesh, check_vma=_checks_vma(config),
                       in_specs=(tok, tok, tok, gu_spec, gu_spec, d_spec),
                       out_specs=tok)(x3, w3, i3, w_gate, w_up, w_down)
   return out.reshape(t, -1)
+
+
+def _checks_vma(config) -> bool:
+  """Type-check the expert shard_map (which mesh axes each value varies over) when the expert FFN
+  takes the XLA grouped matmul. Pallas kernels run unchecked: in jax 0.10 the Pallas interpreter
+  slices varying operands with invariant block indices, and megablox's pallas_call declares no
+  output type, so both fail the check (grouped_matmul's own kernels and VJPs are typed)."""
+  first = grouped_matmul_op.candidates(kernel_impl(config))[:1]
+  return bool(first) and first[0][0].kind == "xla"
 
 
 def _local_moe(x, weights, indices, w_gate, w_up, w_down, *, num_ffn_experts, ep_axis, tokens_split,

@@ -154,21 +154,32 @@ class MLA(nn.Module):
   def _attend_expanded(self, x, cos, sin, lat, k_rope, segment_ids):
     c = self.config
     q_nope, q_rope = self.queries(x, cos, sin)
-    # Context parallelism (sequence split over the `context` mesh axis): all-gather the compressed
-    # KV (R + rope values per token), expand on every device, attend the local queries to it.
-    cp = context_parallel.is_active(x.shape[1], x.shape[0])
-    if cp:
-      lat, k_rope = context_parallel.gather_sequence(lat), context_parallel.gather_sequence(k_rope)
+    if context_parallel.is_active(x.shape[1], x.shape[0]):
+      return self._attend_context_parallel(q_nope, q_rope, lat, k_rope, segment_ids)
     k, v = self.expand(lat, k_rope)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
-    if cp:
-      out = context_parallel.attention(q, k, v, segment_ids, sm_scale=softmax_scale(c), block_k=c.attention_block_k)
-    else:
-      out = pallas_kernels.mla_attention(q, k, v, segment_ids=segment_ids, causal=True,
-                                         sm_scale=softmax_scale(c), implementation=kernel_impl(c),
-                                         block_q=c.attention_block_q, block_k=c.attention_block_k)
+    out = pallas_kernels.mla_attention(q, k, v, segment_ids=segment_ids, causal=True,
+                                       sm_scale=softmax_scale(c), implementation=kernel_impl(c),
+                                       block_q=c.attention_block_q, block_k=c.attention_block_k)
     out = constrain(out, ("batch", "length", "act_heads", None))
     return self.out_proj(out)
+
+  def _attend_context_parallel(self, q_nope, q_rope, lat, k_rope, segment_ids):
+    """Context parallelism (the sequence split over mesh axes): all-gather the compressed KV
+    (R + rope values per token) and attend the local queries to it in absorbed form, as
+    `_attend_sparse`: W_uk folded into the queries, one [latent | rope] row per key shared by
+    every head, W_uv after. The whole sequence's per-head keys and values never exist (at 1M
+    tokens and 64 heads they would be 40 GiB per device, and their float32 gradients 80 GiB)."""
+    c, dt = self.config, dtype_of(self.config.dtype)
+    lat, k_rope = context_parallel.gather_sequence(lat), context_parallel.gather_sequence(k_rope)
+    kv_b = self.kv_b.astype(dt)
+    w_uk, w_uv = kv_b[..., :c.qk_nope_head_dim], kv_b[..., c.qk_nope_head_dim:]
+    q = jnp.concatenate([jnp.einsum("bshd,rhd->bshr", q_nope, w_uk), q_rope], axis=-1)
+    k = jnp.concatenate([lat, k_rope.astype(lat.dtype)], axis=-1)
+    out = context_parallel.attention(q, k, lat, segment_ids, sm_scale=softmax_scale(c),
+                                     block_k=c.attention_block_k)
+    attn = jnp.einsum("bshr,rhd->bshd", out, w_uv)
+    return self.out_proj(constrain(attn, ("batch", "length", "act_heads", None)))
 
   def _attend_sparse(self, x, cos, sin, lat, k_rope, indices):
     """Absorbed MLA over the indexer-selected keys: scores q_nope . W_uk c_j + q_rope . r_j, output

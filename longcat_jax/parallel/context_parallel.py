@@ -58,14 +58,14 @@ def gather_sequence(x):
   return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
-def _specs(ctx, q_shape, dv: int):
+def _specs(ctx, q_shape, k_shape, v_shape):
   mesh, rules = ctx.mesh, ctx.rules
-  b, s, h, d = q_shape
+  b, s = q_shape[:2]
   spec = lambda names, shape: sharding.logical_to_spec(names, shape, mesh, rules)
   q_spec = spec(("batch", "length", "act_heads", None), q_shape)
-  kv_spec = lambda dd: spec(("batch", None, "act_heads", None), (b, s, h, dd))
+  kv_names = ("batch", None, "act_heads", None) if len(k_shape) == 4 else ("batch", None, None)
   seg_q, seg_k = spec(("batch", "length"), (b, s)), spec(("batch", None), (b, s))
-  return q_spec, kv_spec(d), kv_spec(dv), seg_q, seg_k
+  return q_spec, spec(kv_names, k_shape), spec(kv_names, v_shape), seg_q, seg_k
 
 
 def _chunk_offset(length_axes, s_local: int):
@@ -81,11 +81,13 @@ def attention(q, k, v, segment_ids=None, *, sm_scale: float, block_k: int = 512)
 
   q [B, S, H, Dqk] (sharded along S over `context`), k [B, S, H, Dqk], v [B, S, H, Dv] (full
   length; the caller gathers the compressed KV first), segment_ids [B, S] | None -> [B, S, H, Dv].
+  Keys shared by every head (MLA's absorbed form: k [B, S, R + rope], v [B, S, R]) are taken
+  as they are, so nothing per-head of the whole sequence exists; out [B, S, H, R].
   """
   ctx = sharding.current()
   b, s, h, d = q.shape
   length_axes = _length_axes(ctx, s, b)
-  q_spec, k_spec, v_spec, seg_q, seg_k = _specs(ctx, q.shape, v.shape[-1])
+  q_spec, k_spec, v_spec, seg_q, seg_k = _specs(ctx, q.shape, k.shape, v.shape)
   if segment_ids is None:
     segment_ids = jnp.zeros((b, s), jnp.int32)
 
@@ -123,8 +125,8 @@ def _pad_keys(k, v, sk, block_k):
   t = k.shape[0]
   pad = -t % block_k
   if pad:
-    k = jnp.pad(k, ((0, pad), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, pad),) + ((0, 0),) * (k.ndim - 1))
+    v = jnp.pad(v, ((0, pad),) + ((0, 0),) * (v.ndim - 1))
     sk = jnp.pad(sk, (0, pad), constant_values=-1)
   return k, v, sk
 
@@ -134,9 +136,14 @@ def _num_blocks(off, sq: int, t: int, block_k: int):
   return jnp.minimum(-(-(off + sq) // block_k), -(-t // block_k))
 
 
+def _kh(x) -> str:
+  """Einsum letters of a key block: [bk, H, D] per head, or [bk, D] shared by the heads."""
+  return "khd" if x.ndim == 3 else "kd"
+
+
 def _block_scores(q, kj, sq_ids, skj, off, j, sm_scale, block_k):
-  """q [Sq, H, D], kj [bk, H, D] -> scores [H, Sq, bk] f32 (masked) and the mask [Sq, bk]."""
-  s = jnp.einsum("qhd,khd->hqk", q, kj, preferred_element_type=jnp.float32) * sm_scale
+  """q [Sq, H, D], kj [bk, H, D] or [bk, D] -> scores [H, Sq, bk] f32 (masked), the mask [Sq, bk]."""
+  s = jnp.einsum(f"qhd,{_kh(kj)}->hqk", q, kj, preferred_element_type=jnp.float32) * sm_scale
   q_pos = off + jnp.arange(q.shape[0])
   k_pos = j * block_k + jnp.arange(kj.shape[0])
   mask = (k_pos[None, :] <= q_pos[:, None]) & (sq_ids[:, None] == skj[None, :])
@@ -156,7 +163,7 @@ def _fwd(q, k, v, sq, sk, off, sm_scale, block_k):
     p = jnp.where(mask[None], jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
     l = l * corr + p.sum(-1)
-    acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p.astype(vj.dtype), vj,
+    acc = acc * corr[..., None] + jnp.einsum(f"hqk,{_kh(vj)}->hqd", p.astype(vj.dtype), vj,
                                              preferred_element_type=jnp.float32)
     return acc, m_new, l
 
@@ -191,11 +198,11 @@ def _flash_local_bwd(sm_scale, block_k, res, do):
     s, mask = _block_scores(q, kj, sq, jax.lax.dynamic_slice_in_dim(skp, j * block_k, block_k), off, j,
                             sm_scale, block_k)
     p = jnp.where(mask[None], jnp.exp(s - lse[..., None]), 0.0)            # [H, Sq, bk]
-    dvj = jnp.einsum("hqk,hqd->khd", p, do_h)
-    dp = jnp.einsum("hqd,khd->hqk", do_h, vj.astype(jnp.float32))
+    dvj = jnp.einsum(f"hqk,hqd->{_kh(vj)}", p, do_h)
+    dp = jnp.einsum(f"hqd,{_kh(vj)}->hqk", do_h, vj.astype(jnp.float32))
     ds = p * (dp - delta[..., None]) * sm_scale
-    dq = dq + jnp.einsum("hqk,khd->qhd", ds, kj.astype(jnp.float32))
-    dkj = jnp.einsum("hqk,qhd->khd", ds, q.astype(jnp.float32))
+    dq = dq + jnp.einsum(f"hqk,{_kh(kj)}->qhd", ds, kj.astype(jnp.float32))
+    dkj = jnp.einsum(f"hqk,qhd->{_kh(kj)}", ds, q.astype(jnp.float32))
     dk = jax.lax.dynamic_update_slice_in_dim(dk, dkj, j * block_k, axis=0)
     dv = jax.lax.dynamic_update_slice_in_dim(dv, dvj, j * block_k, axis=0)
     return dq, dk, dv

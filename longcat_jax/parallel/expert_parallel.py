@@ -201,6 +201,11 @@ def _local_moe(x, weights, indices, w_gate, w_up, w_down, *, num_ffn_experts, ep
   if transport not in dispatch:
     raise ValueError(f"ep_transport={transport!r} must be one of {sorted(dispatch)} (or 'auto')")
   fn = functools.partial(dispatch[transport], ffn=ffn, num_ffn_experts=num_ffn_experts)
+  # Under check_vma: the tokens meet weights split over the tensor axes, so they vary over them
+  # from here on; the transpose of this cast is the one psum of dx per token (not per slot).
+  # A no-op without check_vma (the shard_map boundary sums the cotangent instead).
+  xd = jax.lax.pcast(xt, tuple(a for a in mlp_axes if a not in jax.typeof(xt).manual_axis_type.varying),
+                     to="varying")
 
   t = xt.shape[0]
   if chunk and t > chunk:
@@ -208,10 +213,10 @@ def _local_moe(x, weights, indices, w_gate, w_up, w_down, *, num_ffn_experts, ep
       raise ValueError(f"ep_chunk_tokens={chunk} does not divide the {t} tokens per device")
     step = jax.checkpoint(lambda _, c: (None, fn(*c)))
     split = lambda a: a.reshape(t // chunk, chunk, *a.shape[1:])
-    _, y = jax.lax.scan(step, None, (split(xt), split(wt), split(it)))
+    _, y = jax.lax.scan(step, None, (split(xd), split(wt), split(it)))
     y = y.reshape(t, h)
   else:
-    y = fn(xt, wt, it)
+    y = fn(xd, wt, it)
   if mlp_axes:
     y = jax.lax.psum(y, mlp_axes)  # tensor-parallel partial sums, once per token (not per slot)
   # Zero experts: identity outputs, local (spec section 3: they cost no FLOPs, no communication).

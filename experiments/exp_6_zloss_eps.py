@@ -98,7 +98,7 @@ def main():
   for (lam, run), color in zip(z_runs.items(), colors):
     ax[0, 0].plot(run.steps, np.sqrt(np.maximum(run.curve("z_loss"), 0)), color=color, lw=1,
                   label=f"lambda {lam:g}: eval {z_eval[lam]['eval_loss']:.3f}")
-  ax[0, 0].set(xlabel="step", ylabel="sqrt(z-loss) = RMS over tokens of logsumexp|z|",
+  ax[0, 0].set(xlabel="step", ylabel="sqrt(z-loss): RMS of logsumexp|z|",
                title="last-layer hidden magnitude")
   ax[0, 0].legend(fontsize=7)
   lams = list(s["z_weights"])

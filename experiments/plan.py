@@ -46,11 +46,18 @@ def parse_args(argv=None):
   p.add_argument("--grad-accum", type=int, default=1)
   p.add_argument("--nonfinite", default="", help="override the trainer's nonfinite policy (skip | stop)")
   p.add_argument("--layers", type=int, default=0, help="override num_layers (0 = preset)")
+  p.add_argument("--mtp-heads", type=int, default=-1, help="override mtp_num_heads (-1 = preset)")
+  p.add_argument("--fsdp-context", action="store_true",
+                 help="table edit: weights shard over `context` too (every weight rule with fsdp)")
   p.add_argument("--hlo-out", default="", help="write the compiled HLO text here")
+  p.add_argument("--fast-codegen", action="store_true",
+                 help="XLA:CPU machine code at -O0 (the program is never run; HLO passes and buffer "
+                      "assignment, i.e. every figure printed, are unchanged)")
   return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, figures=None):
+  """Prints the plan; returns 0 if it fits. `figures` (a dict) receives the per-device bytes."""
   args = parse_args(argv)
   from longcat_jax.parallel import sharding
   sizes = sharding.parse_mesh(args.mesh)
@@ -60,8 +67,17 @@ def main(argv=None):
   sizes = sharding.resolve_mesh_shape(sizes, n_dev)
 
   import jax
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", n_dev)
+  from jax._src import xla_bridge
+  if not xla_bridge.backends_are_initialized():   # as a script; under pytest JAX is already up
+    if args.fast_codegen:  # read when the backend starts
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                                 " --xla_llvm_disable_expensive_passes=true").strip()
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n_dev)
+  elif args.fast_codegen:
+    print("--fast-codegen ignored: the JAX backend is already initialised", file=sys.stderr)
+  if len(jax.devices()) < n_dev:
+    raise SystemExit(f"the mesh needs {n_dev} devices; JAX has {len(jax.devices())}")
   import jax.numpy as jnp
   import numpy as np
   import longcat_jax
@@ -77,19 +93,26 @@ def main(argv=None):
     config.nonfinite = args.nonfinite
   if args.layers:
     m.num_layers = args.layers
+  if args.mtp_heads >= 0:
+    m.mtp_num_heads = args.mtp_heads
   config.loss.balance_groups = sizes["expert"] if m.num_ffn_experts % sizes["expert"] == 0 else 1
   model = longcat_jax.LongcatForCausalLM(m)
   pc = sharding.parallel_config(mesh=sizes, ep_transport=args.ep_transport,
                                 ep_chunk_tokens=args.ep_chunk_tokens)
-  mesh = sharding.make_mesh(pc)
-  rules = sharding.fit_batch_rules(mesh, args.batch)
+  mesh = sharding.make_mesh(pc, devices=jax.devices()[:n_dev])
+  table = fsdp_over(sharding.LOGICAL_AXIS_RULES, "context") if args.fsdp_context else sharding.LOGICAL_AXIS_RULES
+  rules = sharding.fit_batch_rules(mesh, args.batch, table)
   edits = [f"{l} -> {a}" for (l, a), (_, b) in zip(rules, sharding.LOGICAL_AXIS_RULES) if a != b]
   counts = longcat_jax.count_params(m)
 
   # Abstract state and batch with shardings.
   boxed = sharding.abstract_variables(model)
-  var_sh = sharding.variable_shardings(model, mesh, boxed=boxed)
-  sharding.check_replicated(var_sh, __import__("flax").linen.meta.unbox(boxed))
+  var_sh = sharding.variable_shardings(model, mesh, rules, boxed=boxed)
+  # Fail on big replicated weights; small ones (norm scales: L x hidden float32, 1.2 MiB for
+  # longcat2) are replicated by design and only listed.
+  shapes = __import__("flax").linen.meta.unbox(boxed)
+  sharding.check_replicated(var_sh, shapes, threshold_bytes=16 * 2**20)
+  small_rep = sharding.replicated_params(var_sh, shapes)
   tx, _ = train.make_optimizer(model, config)
   state_shape = train.abstract_train_state(model, config)
   state_sh = sharding.train_state_shardings(tx, state_shape, var_sh, mesh)
@@ -107,6 +130,7 @@ def main(argv=None):
     t1 = time.time()
     lowered = step.lower(state, batch)
     t_lower = time.time() - t1
+    print(f"   lowered in {t_lower:.0f}s; compiling for {n_dev} devices ...", file=sys.stderr, flush=True)
     t1 = time.time()
     compiled = lowered.compile()
     t_compile = time.time() - t1
@@ -135,18 +159,25 @@ def main(argv=None):
   out_b, alias_b = ma.output_size_in_bytes, ma.alias_size_in_bytes
   total_b = args_b + out_b - alias_b + temp_b + ma.generated_code_size_in_bytes
 
-  est = analytic_estimate(m, sizes, args, params_b)
+  length_split = math.prod(sizes[a] for a in jax.tree.leaves(tuple(bsh.spec)[1:2]) if a)
+  est = analytic_estimate(m, sizes, args, params_b, counts, length_split)
 
   tokens_per_dev = args.batch * args.seq // math.prod(sizes[a] for a in ("data", "fsdp", "expert", "context"))
+  cp_text = f", each sequence split {length_split} ways (context parallel)" if length_split > 1 else ""
   print(f"== plan: {args.model} ({counts.total / 1e9:.1f}B params, {m.num_layers} layers) on "
         f"{n_dev} devices, mesh {mesh_str(sizes)}; batch {args.batch} x seq {args.seq} "
-        f"({tokens_per_dev} tokens/device); remat={args.remat}, dtype={args.dtype}, "
+        f"({tokens_per_dev} tokens/device{cp_text}); remat={args.remat}, dtype={args.dtype}, "
         f"params {args.param_dtype}; EP transport "
         f"{__import__('longcat_jax.parallel.expert_parallel', fromlist=['x']).choose_transport(args.ep_transport, mesh)}"
         f", chunk {args.ep_chunk_tokens or 'off'}")
+  if small_rep:
+    print(f"   replicated (< 16 MiB each, by design): {len(small_rep)} leaves, "
+          f"{sum(r.bytes for r in small_rep) / 2**20:.1f} MiB")
   if edits:
-    print(f"   table edit (batch {args.batch} does not split over the batch axes): {'; '.join(edits)}")
-  print(f"   setup {t_setup:.0f}s, lower {t_lower:.0f}s, compile {t_compile:.0f}s")
+    print(f"   table edits ({'weights over context; ' if args.fsdp_context else ''}batch {args.batch} "
+          f"over the batch axes): {'; '.join(edits)}")
+  print(f"   setup {t_setup:.0f}s, lower {t_lower:.0f}s, compile {t_compile:.0f}s"
+        + (f" (XLA_FLAGS={os.environ['XLA_FLAGS']})" if os.environ.get("XLA_FLAGS") else ""))
   print(f"{'per device':<34}{'compiled':>12}{'analytic':>12}")
   row = lambda name, a, b: print(f"  {name:<32}{fmt(a):>12}{fmt(b):>12}")
   row("parameters", params_b, est["params"])
@@ -154,11 +185,15 @@ def main(argv=None):
   row("batch + step/rng/expert_bias", batch_b + other_b, est["batch"])
   row("temporaries (acts, grads, ...)", temp_b, est["temp"])
   print(f"    of which analytic: gradients {fmt(est['grads'])}, saved layer inputs {fmt(est['saved'])}, "
-        f"one layer's working set {fmt(est['layer'])}, gathered weights {fmt(est['gathered'])}")
+        f"one layer's working set {fmt(est['layer'])}, gathered weights {fmt(est['gathered'])}"
+        + (f", gathered compressed KV {fmt(est['cp'])}" if length_split > 1 else ""))
   row("outputs not aliased to inputs", out_b - alias_b, 0)
   row("generated code", ma.generated_code_size_in_bytes, 0)
   row("TOTAL", total_b, est["total"])
   fits = total_b <= args.hbm_gib * GiB
+  if figures is not None:
+    figures.update(params=params_b, opt=opt_b, temp=temp_b, total=total_b, length_split=length_split,
+                   analytic=est, fits=fits, hlo=hlo)
   print(f"  fits in {args.hbm_gib:g} GiB HBM: {'YES' if fits else 'NO'} "
         f"({100 * total_b / (args.hbm_gib * GiB):.0f}% used)")
   print("collectives in the compiled step (HLO ops; an op inside a loop body counted once; "
@@ -171,6 +206,20 @@ def main(argv=None):
   return 0 if fits else 1
 
 
+def fsdp_over(rules, axis: str):
+  """The table with `axis` added after `fsdp` in every weight rule that has it (MaxText's layout:
+  the devices that split a sequence also split the weights); `batch` is left alone."""
+  flat = lambda a: () if a is None else ((a,) if isinstance(a, str) else tuple(a))
+  out = []
+  for logical, axes in rules:
+    a = flat(axes)
+    if logical != "batch" and "fsdp" in a and axis not in a:
+      i = a.index("fsdp") + 1
+      axes = a[:i] + (axis,) + a[i:]
+    out.append((logical, axes))
+  return tuple(out)
+
+
 def mesh_str(sizes):
   return ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1) or "1 device"
 
@@ -179,8 +228,9 @@ def fmt(b: float) -> str:
   return f"{b / GiB:.2f} GiB"
 
 
-def analytic_estimate(m, sizes, args, params_b):
-  """Back-of-envelope per-device memory (bytes) for AdamW + full remat; see docs/SCALING.md."""
+def analytic_estimate(m, sizes, args, params_b, counts, length_split=1):
+  """Back-of-envelope per-device memory (bytes) for AdamW + full remat; see docs/SCALING.md.
+  Not modelled: the indexer and sparse attention, MTP heads, n-gram lookups."""
   import jax.numpy as jnp
   act = jnp.dtype(args.dtype).itemsize
   pbytes = jnp.dtype(args.param_dtype).itemsize
@@ -202,15 +252,24 @@ def analytic_estimate(m, sizes, args, params_b):
   rows = e * chunk * min(m.top_k, n_loc)
   moe = rows * (2 * h + 3 * m.expert_ffn_size) * act * 2 + e * chunk * h * act * 2
   layer = attn + mlp + moe + 8 * t * h * act
-  # FSDP: one layer's weights gathered (compute dtype) for the forward and again for the backward.
-  per_layer_params = params_b * (sizes["fsdp"] * sizes["expert"] * sizes["tensor"]) / max(L, 1) / pbytes
-  gathered = 2 * per_layer_params * act / max(sizes["expert"], 1) * 2
+  # FSDP: one layer's weights gathered (compute dtype) for the forward and again for the backward:
+  # its dense weights and its local experts.
+  dense_layer = (counts.non_expert - counts.embedding - counts.mtp) / max(L, 1)
+  expert_layer = counts.expert / max(L, 1) / max(e, 1)
+  gathered = 2 * (dense_layer + expert_layer) * act / sizes["tensor"]
+  # Context parallelism (the sequence split over `length` axes): an attention block gathers the
+  # whole sequence's compressed KV (keys [latent | rope], values latent) and differentiates it in
+  # float32; the MTP heads (not rematerialised) keep theirs until the backward.
+  cp = 0
+  if length_split > 1:
+    kv_tok = max(t * length_split // args.seq, 1) * args.seq
+    cp = kv_tok * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * (act * (1 + (m.mtp_num_heads or 0)) + 4)
   # Output projection: chunked cross-entropy (the trainer's default 16M logits per chunk).
   logits = 16 * 2**20 * 4 * 2
-  temp = grads + saved + layer + gathered + logits
+  temp = grads + saved + layer + gathered + logits + cp
   batch = 5 * t * 4 * max(args.grad_accum, 1)
   return dict(params=params, opt=opt, grads=grads, saved=saved, layer=layer, gathered=gathered,
-              temp=temp, batch=batch, total=params + opt + temp + batch)
+              cp=cp, temp=temp, batch=batch, total=params + opt + temp + batch)
 
 
 _COLL = re.compile(r"=\s*(\(?[a-z0-9\[\]{}, :_]*\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"

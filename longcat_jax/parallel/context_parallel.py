@@ -3,11 +3,12 @@
 Activations are sharded along `length` (`("length", "context")` in the logical-axis table), so
 every device holds a contiguous chunk of S / n queries. Attention needs every earlier key, and MLA
 makes that cheap: what is all-gathered is the compressed KV (latent c and roped key, R + rope =
-576 values per token for LongCat), not the per-head keys and values (H * (192 + 128) = 20,480):
+576 values per token for LongCat), not the per-head keys and values (H * (192 + 128) = 20,480),
+and the attention runs in MLA's absorbed form, so the per-head keys are never built at all:
 
     lat, k_rope = gather_sequence(lat), gather_sequence(k_rope)  # all-gather over `context`
-    k, v = expand(lat, k_rope)                                   # per device, full length
-    out = attention(q_local, k, v)                               # local queries x all keys, causal
+    q = [q_nope @ W_uk | q_rope]                                 # local queries [s, H, R + rope]
+    out = attention(q, [lat | k_rope], lat) @ W_uv               # keys shared by all heads; causal
                                                                  # at global positions
 
 `attention` runs under `shard_map`: each device computes its query chunk against the gathered

@@ -25,6 +25,7 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-xdist",
             "torch==2.13.0",
             "transformers>=5.23,<6",
             "nbclient",

@@ -32,11 +32,11 @@ import numpy as np  # noqa: E402
 from experiments import common  # noqa: E402
 
 SCALES = {
-    # tiny preset: top-3 of 8 FFN + 4 zero experts; the default rate is the trainer's (1e-2).
+    # tiny preset: top-3 of 8 FFN + 4 zero experts; 0.3 is the trainer's default rate (train/config.py).
     "small": dict(preset="tiny", steps=200, batch=16, seq=128, targets=(1.0, 2.0, 2.5), target_rate=0.1,
-                  rates=(0.0, 1e-3, 1e-2, 1e-1)),
+                  rates=(0.0, 1e-2, 1e-1, 0.3)),
     "medium": dict(preset="small", steps=1000, batch=32, seq=512, targets=(2.0, 4.0, 5.0), target_rate=0.1,
-                   rates=(0.0, 1e-3, 1e-2, 1e-1)),
+                   rates=(0.0, 1e-3, 1e-2, 1e-1, 0.3)),
     "smoke": dict(preset="tiny", steps=3, batch=4, seq=32, targets=(1.0,), target_rate=0.1, rates=(0.0,)),
 }
 

@@ -50,6 +50,9 @@ def parse_args(argv=None):
   p.add_argument("--fsdp-context", action="store_true",
                  help="table edit: weights shard over `context` too (every weight rule with fsdp)")
   p.add_argument("--hlo-out", default="", help="write the compiled HLO text here")
+  p.add_argument("--no-compile", action="store_true",
+                 help="layout check only: state per device from the table's shardings + the analytic "
+                      "column (no lowering, no compile)")
   p.add_argument("--fast-codegen", action="store_true",
                  help="XLA:CPU machine code at -O0 (the program is never run; HLO passes and buffer "
                       "assignment, i.e. every figure printed, are unchanged)")
@@ -122,6 +125,8 @@ def main(argv=None, figures=None):
   batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.float32 if k == "loss_mask" else jnp.int32,
                                    sharding=bsh) for k in train.step.BATCH_KEYS}
   t_setup = time.time() - t0
+  if args.no_compile:
+    return _layout_only(args, m, sizes, n_dev, counts, state_shape, state_sh, bsh, t_setup)
 
   train_step = train.make_train_step(model, config)
   with sharding.mesh_context(mesh, rules, parallel=pc):
@@ -204,6 +209,26 @@ def main(argv=None, figures=None):
     print(f"  {kind:<20}{n:>4} ops {fmt(b):>11}   " +
           ", ".join(f"{cat} {c[0]} ({fmt(c[1])})" for cat, c in top))
   return 0 if fits else 1
+
+
+def _layout_only(args, m, sizes, n_dev, counts, state_shape, state_sh, bsh, t_setup):
+  """--no-compile: the state per device from its shardings (exact) and the analytic estimate."""
+  import jax
+  import jax.numpy as jnp
+  per_device = lambda tree, shs: sum(math.prod(sh.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                                     for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shs)))
+  params_b = per_device(state_shape.params, state_sh.params)
+  opt_b = per_device(state_shape.opt_state, state_sh.opt_state)
+  length_split = math.prod(sizes[a] for a in jax.tree.leaves(tuple(bsh.spec)[1:2]) if a)
+  est = analytic_estimate(m, sizes, args, params_b, counts, length_split)
+  print(f"== layout only (NOT compiled): {args.model} ({counts.total / 1e9:.1f}B params) on {n_dev} devices, "
+        f"mesh {mesh_str(sizes)}; batch {args.batch} x seq {args.seq}, each sequence split {length_split} ways; "
+        f"setup {t_setup:.0f}s")
+  print(f"  parameters {fmt(params_b)}, optimizer state {fmt(opt_b)} (from the shardings); analytic: "
+        f"temporaries {fmt(est['temp'])} (gradients {fmt(est['grads'])}, saved layer inputs "
+        f"{fmt(est['saved'])}, one layer {fmt(est['layer'])}, gathered weights {fmt(est['gathered'])}, "
+        f"gathered compressed KV {fmt(est['cp'])}), TOTAL {fmt(est['total'])} of {args.hbm_gib:g} GiB")
+  return 0
 
 
 def fsdp_over(rules, axis: str):

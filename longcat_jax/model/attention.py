@@ -170,15 +170,20 @@ class MLA(nn.Module):
     `_attend_sparse`: W_uk folded into the queries, one [latent | rope] row per key shared by
     every head, W_uv after. The whole sequence's per-head keys and values never exist (at 1M
     tokens and 64 heads they would be 40 GiB per device, and their float32 gradients 80 GiB)."""
-    c, dt = self.config, dtype_of(self.config.dtype)
+    c = self.config
     lat, k_rope = context_parallel.gather_sequence(lat), context_parallel.gather_sequence(k_rope)
+    return self._attend_absorbed(q_nope, q_rope, lat, k_rope, lambda q, k, v: context_parallel.attention(
+        q, k, v, segment_ids, sm_scale=softmax_scale(c), block_k=c.attention_block_k))
+
+  def _attend_absorbed(self, q_nope, q_rope, lat, k_rope, attend):
+    """MQA form of MLA: queries [W_uk^T q_nope | q_rope], keys [latent | rope] shared by every
+    head, values the latents; `attend(q, k, v)` -> [B, S, H, R], then W_uv and the output projection."""
+    c, dt = self.config, dtype_of(self.config.dtype)
     kv_b = self.kv_b.astype(dt)
     w_uk, w_uv = kv_b[..., :c.qk_nope_head_dim], kv_b[..., c.qk_nope_head_dim:]
     q = jnp.concatenate([jnp.einsum("bshd,rhd->bshr", q_nope, w_uk), q_rope], axis=-1)
     k = jnp.concatenate([lat, k_rope.astype(lat.dtype)], axis=-1)
-    out = context_parallel.attention(q, k, lat, segment_ids, sm_scale=softmax_scale(c),
-                                     block_k=c.attention_block_k)
-    attn = jnp.einsum("bshr,rhd->bshd", out, w_uv)
+    attn = jnp.einsum("bshr,rhd->bshd", attend(q, k, lat), w_uv)
     return self.out_proj(constrain(attn, ("batch", "length", "act_heads", None)))
 
   def _attend_sparse(self, x, cos, sin, lat, k_rope, indices):
@@ -187,13 +192,7 @@ class MLA(nn.Module):
 
     lat [B, T, R], k_rope [B, T, rope] (T = S, or the cache), indices [B, S, K] into T.
     """
-    c, dt = self.config, dtype_of(self.config.dtype)
     q_nope, q_rope = self.queries(x, cos, sin)
-    kv_b = self.kv_b.astype(dt)
-    w_uk, w_uv = kv_b[..., :c.qk_nope_head_dim], kv_b[..., c.qk_nope_head_dim:]
-    q = jnp.concatenate([jnp.einsum("bshd,rhd->bshr", q_nope, w_uk), q_rope], axis=-1)
-    k = jnp.concatenate([lat, k_rope.astype(lat.dtype)], axis=-1)
     from longcat_jax.model import sparse_attention  # late import (import cycle via longcat_jax.model)
-    out = sparse_attention.attend(q, k, lat, indices, config=c)
-    attn = jnp.einsum("bshr,rhd->bshd", out, w_uv)
-    return self.out_proj(constrain(attn, ("batch", "length", "act_heads", None)))
+    return self._attend_absorbed(q_nope, q_rope, lat, k_rope,
+                                 lambda q, k, v: sparse_attention.attend(q, k, v, indices, config=self.config))

@@ -19,8 +19,10 @@ Implementations, in dispatch order:
   "megablox" (Pallas, TPU): `jax.experimental.pallas.ops.tpu.megablox` gmm / tgmm with our own
       custom VJP, which also zeroes the rows past sum(group_sizes) that megablox leaves unwritten.
       Needs K and N multiples of 128 (else NotImplementedError and the XLA path runs).
-  "xla": `jax.lax.ragged_dot` where the backend has a grouped-GEMM lowering (GPU/TPU); on the
-      XLA CPU backend ragged_dot runs at ~3 GFLOP/s against ~120 for a dense matmul, so there the
+  "xla": `jax.lax.ragged_dot` on TPU, whose XLA backend lowers it to a grouped GEMM. Elsewhere
+      XLA expands it densely: on CPU ~3 GFLOP/s against ~120 for a dense matmul; on an H200 (JAX
+      0.11.2) a [rows, G*K] x [G*K, N] product that asked for 188 GiB at Flash shapes and 64 GiB
+      for a 2B-parameter model (experiments/bench_kernels.py, bench_mfu.py). So on CPU and GPU the
       rows are laid out in row blocks that each belong to one group (each group padded to a
       multiple of `block_m`) and a `fori_loop` over the blocks that hold rows (a dynamic count;
       the static bound's empty tail is skipped) does dense [block_m, K] x [K, N] products. Its
@@ -302,13 +304,13 @@ def grouped_matmul_megablox(lhs, rhs, group_sizes, *, block_m=128, block_k=128, 
 
 
 def grouped_matmul_xla(lhs, rhs, group_sizes, *, block_m: int = 64):
-  if current_platform() == "cpu":
+  if current_platform() != "tpu":
     return grouped_matmul_blocked(lhs, rhs, group_sizes, block_m)
   return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# Block-padded layout + scan, the XLA CPU path.
+# Block-padded layout + loop, the XLA path on CPU and GPU.
 
 
 def _block_layout(group_sizes, num_rows: int, block_m: int):

@@ -58,6 +58,22 @@ CHUNKED_MIN_SEQ = 1024  # the chunked XLA path takes sequences longer than this
 # 512 x 192 query tile plus 512 x 512 f32 scores does not fit one SM); interpret mode honours the
 # requested blocks. FlashAttention-2's Triton kernels use 128 x 64 forward tiles.
 TRITON_MAX_BLOCK_Q, TRITON_MAX_BLOCK_K = 128, 64
+# Triton's tl.dot wants every operand dimension >= 16. Below that a 16-bit dot is silently wrong
+# (measured on an H200, JAX 0.11.2: bf16 attention with Dqk = 24, i.e. column chunks 16 + 8, was
+# off by 44-125% of the output's scale, Dqk = 32 within 3e-3), so compiled kernels zero-pad head
+# dimensions (and, for decode, the head count) to a multiple of TRITON_MIN_DIM; real LongCat shapes
+# (192, 128, 512, 64) are already multiples and pay nothing.
+TRITON_MIN_DIM = 16
+
+
+def pad_to_multiple(x, axis: int, multiple: int = TRITON_MIN_DIM):
+  """Zero-pads axis of x up to a multiple of `multiple` (a no-op when it already is one)."""
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
 
 
 def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
@@ -387,7 +403,9 @@ def mla_attention_pallas(q, k, v, *, segment_ids=None, causal=True, sm_scale=Non
                                          interpret)
   if not interpret and any(b != pl.next_power_of_2(b) or b < 16 for b in (cfg.block_q, cfg.block_k)):
     raise NotImplementedError(f"triton needs power-of-two blocks >= 16, got {cfg.block_q}, {cfg.block_k}")
-  return _flash_pallas(qp, kp, vp, seg, cfg)[:, :q.shape[1]]
+  if not interpret:  # zero columns change no score; the padded value columns are sliced off
+    qp, kp, vp = pad_to_multiple(qp, 3), pad_to_multiple(kp, 3), pad_to_multiple(vp, 3)
+  return _flash_pallas(qp, kp, vp, seg, cfg)[:, :q.shape[1], :, :v.shape[-1]]
 
 
 # ---------------------------------------------------------------------------------------------

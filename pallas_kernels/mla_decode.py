@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.mla_attention import MASK_VALUE, _dot_nt, _online_softmax_step, _softmax_init
+from pallas_kernels.mla_attention import (MASK_VALUE, _dot_nt, _online_softmax_step, _softmax_init,
+                                          pad_to_multiple)
 from pallas_kernels.registry import Op
 
 mla_decode_op = Op("mla_decode_attention")
@@ -88,11 +89,16 @@ def _decode_kernel(len_ref, ql_ref, qr_ref, cl_ref, cr_ref, acc_ref, m_ref, l_re
 def mla_decode_pallas(q_latent, q_rope, cache_latent, cache_rope, lengths, *, sm_scale, block_k=512,
                       num_splits=None, interpret=False):
   (b, h, r), dr, length = q_latent.shape, q_rope.shape[-1], cache_latent.shape[1]
+  heads, width = h, r  # the caller's; the compiled kernel may see padded ones
   if not interpret:
     block_k = min(block_k, TRITON_MAX_BLOCK_K)
   bk = min(block_k, pl.next_power_of_2(length))
   if not interpret and (bk != pl.next_power_of_2(bk) or bk < 16):
     raise NotImplementedError(f"triton needs a power-of-two block_k >= 16, got {bk}")
+  if not interpret:  # Triton dots need dims >= 16: zero heads / columns, sliced off below
+    q_latent, q_rope = (pad_to_multiple(pad_to_multiple(x, 1), 2) for x in (q_latent, q_rope))
+    cache_latent, cache_rope = (pad_to_multiple(x, 2) for x in (cache_latent, cache_rope))
+    (_, h, r), dr = q_latent.shape, q_rope.shape[-1]
   num_blocks = pl.cdiv(length, bk)
   splits = min(num_splits or 8, num_blocks)
   per_split = pl.cdiv(num_blocks, splits)
@@ -124,7 +130,7 @@ def mla_decode_pallas(q_latent, q_rope, cache_latent, cache_rope, lengths, *, sm
   m_all = jnp.max(m, axis=1, keepdims=True)
   w = jnp.where(l > 0, jnp.exp(m - m_all), 0.0)
   out = jnp.sum(acc * w[..., None], axis=1) / jnp.sum(l * w, axis=1)[..., None]
-  return out.astype(q_latent.dtype)
+  return out[:, :heads, :width].astype(q_latent.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ forward and gradient together: interpret mode is slow to compile, not to run.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +19,20 @@ import pytest
 import pallas_kernels as pk
 from pallas_kernels.grouped_matmul import grouped_matmul_op, grouped_matmul_reference
 from pallas_kernels.mla_attention import flash_attention_xla, mla_attention_op, mla_attention_reference
+from pallas_kernels import registry
 from pallas_kernels.registry import Op
 from pallas_kernels.topk_route import topk_route_op
 
 F32_TOL, BF16_TOL = 1e-5, 2e-2
+# The Pallas mode the kernel tests run: "interpret" everywhere (CPU CI); on a GPU machine
+# `LONGCAT_TEST_KERNELS=pallas pytest tests/test_kernels.py` runs the same checks on the compiled
+# Triton kernels.
+KERNELS = os.environ.get("LONGCAT_TEST_KERNELS", "interpret")
+
+
+def tile(n: int) -> int:
+  """A test's (deliberately small) tile, raised to the 16 compiled Triton kernels need."""
+  return n if KERNELS == "interpret" else max(n, 16)
 
 
 def assert_close(actual, expected, tol, what=""):
@@ -76,7 +88,8 @@ def test_registry_order_and_modes():
   assert names("xla", "gpu") == [("dense", False), ("chunked", False)]
 
 
-def test_registry_fallthrough_and_errors():
+def test_registry_fallthrough_and_errors(monkeypatch):
+  monkeypatch.setattr(registry, "current_platform", lambda: "cpu")  # also when run on a GPU machine
   log = []
   op = _toy_op(log)
   op.impls.insert(2, op.impls.pop(3))  # chunked (always declines) before dense
@@ -122,7 +135,7 @@ def test_topk_route_interpret(tokens, k):
   n_ffn, experts = 8, 12
   logits = normal(0, (tokens, experts)) * 2.0
   bias = normal(1, (experts,)) * 0.05  # large enough to change some selections
-  (_, (w, idx, counts)), g = _route_loss_and_grad("interpret", k, n_ffn, bias)(logits)
+  (_, (w, idx, counts)), g = _route_loss_and_grad(KERNELS, k, n_ffn, bias)(logits)
   (_, (w_r, idx_r, counts_r)), g_r = _route_loss_and_grad("xla", k, n_ffn, bias)(logits)
   np.testing.assert_array_equal(idx, idx_r)
   np.testing.assert_array_equal(counts, counts_r)
@@ -134,7 +147,7 @@ def test_topk_route_interpret(tokens, k):
 def test_topk_route_ties_and_bias_only_selects():
   logits = jnp.zeros((3, 12)).at[1, 5].set(1.0)  # exact ties everywhere else
   bias = jnp.zeros(12).at[7].set(0.5).at[2].set(0.5)
-  w, idx, counts = pk.topk_route(logits, bias, 4, 8, 6.0, implementation="interpret")
+  w, idx, counts = pk.topk_route(logits, bias, 4, 8, 6.0, implementation=KERNELS)
   w_r, idx_r, counts_r = pk.topk_route(logits, bias, 4, 8, 6.0, implementation="xla")
   np.testing.assert_array_equal(idx, idx_r)
   np.testing.assert_array_equal(counts, counts_r)
@@ -165,7 +178,7 @@ def test_grouped_matmul_interpret_f32(case):
   gs = jnp.array(GROUPS[case], jnp.int32)
   m, k, n = 45, 24, 20
   lhs, rhs, dy = normal(0, (m, k)), normal(1, (gs.shape[0], k, n)), normal(2, (m, n))
-  kernel = lambda a, b, g: pk.grouped_matmul(a, b, g, implementation="interpret", block_m=8)
+  kernel = lambda a, b, g: pk.grouped_matmul(a, b, g, implementation=KERNELS, block_m=tile(8))
   (_, out), grads = _gmm_value_and_grads(kernel, gs, dy)(lhs, rhs)
   (_, out_r), grads_r = _gmm_value_and_grads(grouped_matmul_reference, gs, dy)(lhs, rhs)
   assert_close(out, out_r, F32_TOL, "out")
@@ -177,7 +190,7 @@ def test_grouped_matmul_interpret_bf16():
   gs = jnp.array([5, 0, 17, 2], jnp.int32)
   m, k, n = 30, 32, 16
   lhs, rhs, dy = normal(0, (m, k), jnp.bfloat16), normal(1, (4, k, n), jnp.bfloat16), normal(2, (m, n))
-  kernel = lambda a, b, g: pk.grouped_matmul(a, b, g, implementation="interpret", block_m=16)
+  kernel = lambda a, b, g: pk.grouped_matmul(a, b, g, implementation=KERNELS, block_m=16)
   (_, out), grads = _gmm_value_and_grads(kernel, gs, dy)(lhs, rhs)
   (_, out_r), grads_r = _gmm_value_and_grads(grouped_matmul_reference, gs, dy)(lhs, rhs)
   assert out.dtype == jnp.bfloat16
@@ -241,13 +254,13 @@ def _check_attention(fn, dtype, tol, **kw):
   assert_tree_close(grads, grads_r, tol, "dq, dk, dv")
 
 
-_pallas_attention = lambda q, k, v, **kw: pk.mla_attention(q, k, v, implementation="interpret", **kw)
+_pallas_attention = lambda q, k, v, **kw: pk.mla_attention(q, k, v, implementation=KERNELS, **kw)
 
 
 @pytest.mark.parametrize("causal,segments,blocks", [(True, True, (16, 8)), (False, False, (8, 16))])
 def test_mla_attention_interpret_f32(causal, segments, blocks):
   _check_attention(_pallas_attention, jnp.float32, F32_TOL, causal=causal, sm_scale=0.3,
-                   segment_ids=SEGMENTS if segments else None, block_q=blocks[0], block_k=blocks[1])
+                   segment_ids=SEGMENTS if segments else None, block_q=tile(blocks[0]), block_k=tile(blocks[1]))
 
 
 def test_mla_attention_interpret_bf16():
@@ -304,7 +317,7 @@ def test_mla_decode_interpret(dtype, tol):
   lengths = jnp.array([1, 45, 17], jnp.int32)  # a split sees nothing for length 1
   run = lambda impl, **kw: jax.jit(lambda *a: pk.mla_decode_attention(
       *a, lengths, sm_scale=0.2, implementation=impl, **kw))(*args)
-  out = run("interpret", block_k=8, num_splits=3)
+  out = run(KERNELS, block_k=tile(8), num_splits=3)
   assert out.shape == (b, h, r) and out.dtype == dtype
   assert_close(out, run("xla"), tol, "out")
 
@@ -318,7 +331,7 @@ def test_tiny_model_interpret_matches_xla():
 
   ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 320)
   models = {k: longcat_jax.LongcatForCausalLM(longcat_jax.get_config("tiny", kernels=k))
-            for k in ("interpret", "xla")}
+            for k in (KERNELS, "xla")}
   variables = jax.jit(models["xla"].init)(jax.random.key(0), ids)  # parameters do not depend on kernels
 
   def logits_and_grads(model):
@@ -334,7 +347,7 @@ def test_tiny_model_interpret_matches_xla():
     (_, logits), grads = traced.lower().compile()(variables["params"])
     return logits, grads, kernels
 
-  logits, grads, kernels = logits_and_grads(models["interpret"])
+  logits, grads, kernels = logits_and_grads(models[KERNELS])
   logits_r, grads_r, no_kernels = logits_and_grads(models["xla"])
   assert kernels >= {"topk_route", "grouped_matmul", "grouped_matmul_tgmm", "mla_attention_fwd",
                      "mla_attention_dkv", "mla_attention_dq"}, kernels

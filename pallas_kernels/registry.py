@@ -38,6 +38,7 @@ class Implementation:
   fn: Callable
   kind: str  # "pallas" (called with interpret=bool) | "xla"
   platforms: tuple[str, ...] | None  # None = any platform
+  auto: bool = True  # False: only when asked for by mode ("pallas"/"interpret"), never by auto
 
   def runs_on(self, platform: str) -> bool:
     return self.platforms is None or platform in self.platforms
@@ -50,15 +51,16 @@ class Op:
     self.name = name
     self.impls: list[Implementation] = []
 
-  def register(self, name: str, *, kind: str, platforms: Sequence[str] | None = None):
-    """Decorator adding `fn` after the implementations of its kind registered so far."""
+  def register(self, name: str, *, kind: str, platforms: Sequence[str] | None = None, auto: bool = True):
+    """Decorator adding `fn` after the implementations of its kind registered so far. auto=False
+    keeps a kernel out of the automatic choice (where it measured slower than the XLA path)."""
     if kind not in ("pallas", "xla"):
       raise ValueError(f"{self.name}: kind must be 'pallas' or 'xla', got {kind!r}")
     if any(i.name == name for i in self.impls):
       raise ValueError(f"{self.name}: an implementation named {name!r} is already registered")
 
     def deco(fn):
-      impl = Implementation(name, fn, kind, tuple(platforms) if platforms else None)
+      impl = Implementation(name, fn, kind, tuple(platforms) if platforms else None, auto)
       if kind == "xla":  # XLA paths go last so that auto prefers kernels.
         self.impls.append(impl)
       else:
@@ -89,7 +91,7 @@ class Op:
       return [(i, False) for i in self.impls if i.kind == "pallas" and i.runs_on(platform)]
     # auto: compiled kernels for this platform (never on CPU: the XLA path is faster there), then XLA.
     return [(i, False) for i in self.impls
-            if i.runs_on(platform) and (i.kind == "xla" or platform != "cpu")]
+            if i.runs_on(platform) and (i.kind == "xla" or (platform != "cpu" and i.auto))]
 
   def __call__(self, *args, implementation: str | None = None, **kwargs):
     tried = []

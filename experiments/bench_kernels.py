@@ -146,9 +146,12 @@ def bench_attention(s, table, dtype, kernels, repeats):
   kw = dict(causal=True, sm_scale=DQK ** -0.5)
   impls = [("xla dense (reference)", lambda q, k, v: mla_attention_reference(q, k, v, **kw)),
            ("xla chunked (512x512)", lambda q, k, v: flash_attention_xla(q, k, v, **kw))]
-  if current_platform() == "gpu":  # cuDNN's fused attention, where it takes Dqk != Dv
-    impls.append(("cudnn (dot_product_attention)", lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, scale=DQK ** -0.5, implementation="cudnn")))
+  if current_platform() == "gpu":  # cuDNN's fused attention; it wants Dv == Dqk, so also V padded
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=DQK ** -0.5,
+                                                         implementation="cudnn")
+    pad_v = lambda v: jnp.pad(v, [(0, 0)] * 3 + [(0, DQK - DV)])
+    impls.append(("cudnn (dot_product_attention)", cudnn))
+    impls.append(("cudnn, V zero-padded to Dqk", lambda q, k, v: cudnn(q, k, pad_v(v))[..., :DV]))
   if kernels:
     impls.append(("pallas (512x512)", lambda q, k, v: pk.mla_attention(q, k, v, implementation="pallas", **kw)))
     impls.append(("pallas (128x64)", lambda q, k, v: pk.mla_attention(

@@ -47,6 +47,9 @@ def parse_args(argv=None):
   p.add_argument("--nonfinite", default="", help="override the trainer's nonfinite policy (skip | stop)")
   p.add_argument("--layers", type=int, default=0, help="override num_layers (0 = preset)")
   p.add_argument("--mtp-heads", type=int, default=-1, help="override mtp_num_heads (-1 = preset)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="model config override, repeatable; VALUE is a Python literal or None "
+                      "(e.g. --set ngram_embedding=None --set sparse_attention=None)")
   p.add_argument("--fsdp-context", action="store_true",
                  help="table edit: weights shard over `context` too (every weight rule with fsdp)")
   p.add_argument("--hlo-out", default="", help="write the compiled HLO text here")
@@ -98,6 +101,17 @@ def main(argv=None, figures=None):
     m.num_layers = args.layers
   if args.mtp_heads >= 0:
     m.mtp_num_heads = args.mtp_heads
+  for item in args.set:
+    field, _, value = item.partition("=")
+    if field not in m:
+      raise SystemExit(f"--set {item}: the model config has no field {field!r}")
+    import ast
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a bare string, e.g. --set kernels=xla
+    with m.ignore_type():
+      m[field] = value
   config.loss.balance_groups = sizes["expert"] if m.num_ffn_experts % sizes["expert"] == 0 else 1
   model = longcat_jax.LongcatForCausalLM(m)
   pc = sharding.parallel_config(mesh=sizes, ep_transport=args.ep_transport,

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 
 from longcat_jax.config import ConfigDict, dtype_of
 from longcat_jax.model.attention import MLA
-from longcat_jax.model.layers import DenseMLP, RMSNorm, param
+from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param
+
+_TOKENS = ("batch", "length", "embed")  # activations stay split over the token axes
 
 
 class MTPLayer(nn.Module):
@@ -34,11 +36,15 @@ class MTPLayer(nn.Module):
     c = self.config
     norm = lambda name: RMSNorm(c, c.rms_norm_eps, name=name)
     eh_proj = param(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), (None, "embed"))
+    # Without these constraints GSPMD follows eh_proj's FSDP split of `embed` and replicates the
+    # tokens in the backward pass (the whole batch's [B, S, 2H] float32 cotangent on every device).
+    emb, h_prev = constrain(emb, _TOKENS), constrain(h_prev, _TOKENS)
     x = jnp.concatenate([norm("enorm")(emb), norm("hnorm")(h_prev)], axis=-1)
-    x = x @ eh_proj.astype(dtype_of(c.dtype))
+    x = constrain(x @ eh_proj.astype(dtype_of(c.dtype)), _TOKENS)
     x = x + MLA(c, name="attn")(norm("input_norm")(x), cos, sin, segment_ids,
                                 cache_mode=self.cache_mode, cache_lengths=cache_lengths)
-    return x + DenseMLP(c, name="mlp")(norm("post_attn_norm")(x))
+    x = constrain(x, _TOKENS)
+    return constrain(x + DenseMLP(c, name="mlp")(norm("post_attn_norm")(x)), _TOKENS)
 
 
 class MTPHead(nn.Module):

@@ -98,25 +98,40 @@ def select_keys(q, w, keys, q_pos, k_pos, q_seg=None, k_seg=None, *, top_k: int,
   """Top-k keys per query: q [B, S, Hi, Di], w [B, S, Hi], keys [B, T, Di] -> [B, S, K] int32.
 
   Queries are taken `block_q` at a time (`lax.map`), so memory is O(block_q * T), not O(S * T):
-  what lets a 1M-token sequence be indexed. No gradient flows through the selection.
+  what lets a 1M-token sequence be indexed. No gradient flows through the selection. When the
+  mesh splits the sequence into P chunks (context parallelism), every step takes `block_q`
+  queries of each chunk ([B, P * block_q]), so the loop runs over an axis that is not split and
+  each device indexes its own queries (a loop over the split axis would gather them all).
   """
+  from longcat_jax.parallel import context_parallel  # late import: parallel imports the model package
   q, w, keys = (jax.lax.stop_gradient(a) for a in (q, w, keys))
   kw = dict(top_k=top_k, init_tokens=init_tokens, local_tokens=local_tokens)
+  tokens = lambda a: nn.with_logical_constraint(a, ("batch", "length") + (None,) * (a.ndim - 2))
 
   def one(q, w, q_pos, q_seg):
+    q, w, q_pos = tokens(q), tokens(w), tokens(q_pos)
+    q_seg = None if q_seg is None else tokens(q_seg)
     mask = visible_mask(q_pos, k_pos, q_seg, k_seg)
-    return select_topk(index_scores(q, w, keys), mask, q_pos, k_pos, **kw)
+    return tokens(select_topk(tokens(index_scores(q, w, keys)), mask, q_pos, k_pos, **kw))
 
-  s = q.shape[1]
-  if s <= block_q:
+  b, s = q.shape[:2]
+  p = context_parallel.length_shards(s, b)
+  if s // p <= block_q:
     return one(q, w, q_pos, q_seg)
-  pad = -s % block_q
-  padded = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-  n = (s + pad) // block_q
-  blocks = lambda a: jnp.moveaxis(padded(a).reshape(a.shape[0], n, block_q, *a.shape[2:]), 1, 0)
+  chunk = s // p
+  pad = -chunk % block_q
+  n = (chunk + pad) // block_q
+
+  def blocks(a):  # [B, S, ...] -> [n, B, P * block_q, ...]: step i holds block i of every chunk
+    a = a.reshape(b, p, chunk, *a.shape[2:])
+    a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
+    a = a.reshape(b, p, n, block_q, *a.shape[3:])
+    return jnp.moveaxis(a, 2, 0).reshape(n, b, p * block_q, *a.shape[4:])
+
   seg = None if q_seg is None else blocks(q_seg)
-  out = jax.lax.map(lambda xs: one(*xs), (blocks(q), blocks(w), blocks(q_pos), seg))
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * block_q, -1)[:, :s]
+  out = jax.lax.map(lambda xs: one(*xs), (blocks(q), blocks(w), blocks(q_pos), seg))  # [n, B, P*bq, K]
+  out = jnp.moveaxis(out.reshape(n, b, p, block_q, -1), 0, 2).reshape(b, p, n * block_q, -1)
+  return tokens(out[:, :, :chunk].reshape(b, s, -1))
 
 
 class Indexer(nn.Module):

@@ -54,6 +54,14 @@ def is_active(seq_len: int, batch: int) -> bool:
   return ctx is not None and bool(_length_axes(ctx, seq_len, batch))
 
 
+def length_shards(seq_len: int, batch: int) -> int:
+  """Into how many chunks the active mesh splits a sequence of [batch, seq_len] (1 outside one)."""
+  ctx = sharding.current()
+  if ctx is None:
+    return 1
+  return sharding._axis_size(ctx.mesh, _length_axes(ctx, seq_len, batch))
+
+
 def gather_sequence(x):
   """[B, S, ...] sharded along `length` -> replicated along it (the all-gather of the compressed KV)."""
   return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))

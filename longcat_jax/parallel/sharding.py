@@ -51,7 +51,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("q_lora", "fsdp"),
     ("kv_lora", ("fsdp", "expert")),
     ("kv_lora", "fsdp"),
-    ("ngram_vocab", ("fsdp", "expert")),        # n-gram embedding tables (Lite / 2.0)
+    # N-gram embedding tables (Lite / 2.0): columns over `expert`, rows over what is left, so a
+    # lookup moves [tokens, d / expert] partial rows, not [tokens, d] (model/ngram.py).
+    ("ngram_dim", "expert"),
+    ("ngram_vocab", ("fsdp", "expert")),
     ("ngram_vocab", "fsdp"),
     ("index_heads", "tensor"),                  # sparse-attention indexer
     ("exp_all", None),                          # router classes (N + Z): small, embed shards it

@@ -103,16 +103,29 @@ def select_keys(q, w, keys, q_pos, k_pos, q_seg=None, k_seg=None, *, top_k: int,
   queries of each chunk ([B, P * block_q]), so the loop runs over an axis that is not split and
   each device indexes its own queries (a loop over the split axis would gather them all).
   """
-  from longcat_jax.parallel import context_parallel  # late import: parallel imports the model package
+  from longcat_jax.parallel import context_parallel, sharding  # late: parallel imports the model
   q, w, keys = (jax.lax.stop_gradient(a) for a in (q, w, keys))
   kw = dict(top_k=top_k, init_tokens=init_tokens, local_tokens=local_tokens)
   tokens = lambda a: nn.with_logical_constraint(a, ("batch", "length") + (None,) * (a.ndim - 2))
 
-  def one(q, w, q_pos, q_seg):
-    q, w, q_pos = tokens(q), tokens(w), tokens(q_pos)
-    q_seg = None if q_seg is None else tokens(q_seg)
+  def local(q, w, q_pos, keys, k_pos, q_seg=None, k_seg=None):
     mask = visible_mask(q_pos, k_pos, q_seg, k_seg)
-    return tokens(select_topk(tokens(index_scores(q, w, keys)), mask, q_pos, k_pos, **kw))
+    return select_topk(index_scores(q, w, keys), mask, q_pos, k_pos, **kw)
+
+  def one(q, w, q_pos, q_seg):
+    """One block of queries [B, P * block_q, ...] against every key -> [B, P * block_q, K]."""
+    args = (q, w, q_pos, keys, k_pos) + (() if q_seg is None else (q_seg, k_seg))
+    ctx = sharding.current()
+    if ctx is None:
+      return local(*args)
+    # Per device (shard_map): GSPMD gathers top_k's operand over the batch ([B, block_q, T] float32
+    # on every device), so the scores and the selection run on each device's own queries.
+    spec = lambda a, names: sharding.logical_to_spec(names + (None,) * (a.ndim - len(names)), a.shape,
+                                                     ctx.mesh, ctx.rules)
+    token_args = (0, 1, 2, 5)  # q, w, q_pos, q_seg; the rest are keys [B, T, ...]
+    in_specs = tuple(spec(a, ("batch", "length") if i in token_args else ("batch",)) for i, a in enumerate(args))
+    out_spec = spec(jax.ShapeDtypeStruct(q.shape[:2] + (min(top_k, keys.shape[1]),), jnp.int32), ("batch", "length"))
+    return jax.shard_map(local, mesh=ctx.mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
   b, s = q.shape[:2]
   p = context_parallel.length_shards(s, b)

@@ -28,11 +28,16 @@ Implementations, in dispatch order:
       multiple of the blocks (padded keys masked and skipped, padded queries sliced off: their
       cotangent is zero). Triton needs power-of-two tiles: the head dims are handled as
       power-of-two column chunks (192 = 128 + 64, MLA's nope | rope split), not padded to 256.
-  "xla_chunked" (jnp; any backend, S > 1024 only, else NotImplementedError so that short
-      sequences take the exact dense path): the same algorithm with `lax.map` over query blocks
-      and `lax.fori_loop` over key blocks, vmapped over batch and heads, forward and backward
-      under a custom VJP, so memory is O(B H block_q block_k) per step and [S, S] never exists
-      (this is what the ahead-of-time memory planner compiles for long sequences).
+  "xla_chunked" (jnp). S > 1024, any backend: the same algorithm with `lax.map` over query
+      blocks and `lax.fori_loop` over key blocks, vmapped over batch and heads, forward and
+      backward under a custom VJP, so memory is O(B H block_q block_k) per step and [S, S] never
+      exists (this is what the ahead-of-time memory planner compiles for long sequences).
+      S <= 1024 on CPU: `query_blocked_attention`, static query blocks of CPU_BLOCK_Q rows, each
+      against its causal key prefix only (dense scores per block, no key loop), under a custom
+      VJP that saves (out, lse) and recomputes the probabilities in the backward: causal blocks
+      above the diagonal are skipped (10/16 of the score FLOPs at S = 512) and no [B, H, S, S]
+      probabilities are kept for the backward (XLA-CPU's cost there is mostly touching fresh
+      memory). Elsewhere at S <= 1024: NotImplementedError, the dense reference runs.
   "xla" the dense reference: materialises [B, H, S, S] scores; exact, for short sequences/tests.
 """
 
@@ -48,12 +53,16 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.registry import Op
+from pallas_kernels.registry import Op, current_platform
 
 mla_attention_op = Op("mla_attention")
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(MASK - m) = 0, never NaN
 CHUNKED_MIN_SEQ = 1024  # the chunked XLA path takes sequences longer than this
+# Query rows per block of `query_blocked_attention` (CPU, S <= CHUNKED_MIN_SEQ). At the `small`
+# bench shape (B 4, S 512, 8 heads) 128 measured best: 64 loses to dot efficiency, 256 to fewer
+# skipped causal blocks, 512 is the dense computation.
+CPU_BLOCK_Q = 128
 # Compiled Triton tiles are capped here (the config's 512 x 512 suits the chunked XLA path, but a
 # 512 x 192 query tile plus 512 x 512 f32 scores does not fit one SM); interpret mode honours the
 # requested blocks. FlashAttention-2's Triton kernels use 128 x 64 forward tiles.
@@ -513,9 +522,103 @@ def flash_attention_xla(q, k, v, *, segment_ids=None, causal=True, sm_scale=None
   return _flash_xla(qp, kp, vp, seg, cfg)[:, :q.shape[1]]
 
 
+# ---------------------------------------------------------------------------------------------
+# Query-blocked XLA path for short sequences on CPU: static query blocks, each against the key
+# prefix it can see, one dense [B, H, rows, keys] score block at a time.
+
+
+def _query_blocks(s: int, block_q: int, causal: bool):
+  """(first row, end row, keys seen) per static query block."""
+  return [(q0, min(q0 + block_q, s), min(q0 + block_q, s) if causal else s) for q0 in range(0, s, block_q)]
+
+
+def _block_mask(seg, q0: int, q1: int, kend: int, causal: bool):
+  """[B | 1, 1, q1 - q0, kend] True where query row i may attend key j (seg [B, S] | None)."""
+  mask = jnp.ones((1, 1, q1 - q0, kend), bool)
+  if causal:
+    q_pos = q0 + jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, kend), 0)
+    mask &= (q_pos >= jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, kend), 1))[None, None]
+  if seg is not None:
+    mask &= seg[:, None, q0:q1, None] == seg[:, None, None, :kend]
+  return mask
+
+
+def _block_scores(q, k, seg, q0, q1, kend, causal, sm_scale):
+  """Scaled, masked scores [B, H, q1 - q0, kend] (float32) and their mask; q, k [B, H, S, D]."""
+  s = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, q0:q1], k[:, :, :kend], preferred_element_type=jnp.float32)
+  mask = _block_mask(seg, q0, q1, kend, causal)
+  return jnp.where(mask, s * sm_scale, MASK_VALUE), mask
+
+
+def _qblocked_fwd(q, k, v, seg, causal, sm_scale, block_q):
+  """q, k [B, H, S, Dqk], v [B, H, S, Dv] -> out [B, H, S, Dv], lse [B, H, S] float32."""
+  outs, lses = [], []
+  for q0, q1, kend in _query_blocks(q.shape[2], block_q, causal):
+    s, _ = _block_scores(q, k, seg, q0, q1, kend, causal, sm_scale)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)  # masked entries: exp(MASK - m) = 0 (every row sees itself)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v[:, :, :kend], preferred_element_type=jnp.float32)
+    outs.append((o / l).astype(q.dtype))
+    lses.append((m + jnp.log(l))[..., 0])
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+def _qblocked_bwd(q, k, v, seg, out, lse, do, causal, sm_scale, block_q):
+  """FlashAttention-2's backward per query block (module docstring), probabilities recomputed."""
+  s_len = q.shape[2]
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  for q0, q1, kend in _query_blocks(s_len, block_q, causal):
+    qi, doi, ki, vi = q[:, :, q0:q1], do[:, :, q0:q1], k[:, :, :kend], v[:, :, :kend]
+    s, mask = _block_scores(q, k, seg, q0, q1, kend, causal, sm_scale)
+    p = jnp.where(mask, jnp.exp(s - lse[:, :, q0:q1, None]), 0.0)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vi, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[:, :, q0:q1, None]) * sm_scale).astype(q.dtype)
+    dq.append(jnp.einsum("bhqk,bhkd->bhqd", ds, ki, preferred_element_type=jnp.float32).astype(q.dtype))
+    to_s = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, s_len - kend), (0, 0)))  # keys past kend: 0
+    dk = dk + to_s(jnp.einsum("bhqk,bhqd->bhkd", ds, qi, preferred_element_type=jnp.float32))
+    dv = dv + to_s(jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), doi, preferred_element_type=jnp.float32))
+  return jnp.concatenate(dq, axis=2), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _qblocked(q, k, v, seg, causal, sm_scale, block_q):
+  return _qblocked_fwd(q, k, v, seg, causal, sm_scale, block_q)[0]
+
+
+def _qblocked_vjp_fwd(q, k, v, seg, causal, sm_scale, block_q):
+  out, lse = _qblocked_fwd(q, k, v, seg, causal, sm_scale, block_q)
+  return out, (q, k, v, seg, out, lse)
+
+
+def _qblocked_vjp_bwd(causal, sm_scale, block_q, res, do):
+  q, k, v, seg, out, lse = res
+  return (*_qblocked_bwd(q, k, v, seg, out, lse, do, causal, sm_scale, block_q), None)
+
+
+_qblocked.defvjp(_qblocked_vjp_fwd, _qblocked_vjp_bwd)
+
+
+def query_blocked_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
+                            block_q: int = CPU_BLOCK_Q):
+  """The S <= 1024 CPU path of "xla_chunked" (module docstring), at any length and backend
+  (tests call it directly). Same shapes and arguments as `mla_attention`."""
+  if sm_scale is None:
+    sm_scale = q.shape[-1] ** -0.5
+  heads_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, S, H, D] <-> [B, H, S, D]
+  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  out = _qblocked(heads_major(q), heads_major(k), heads_major(v), seg, bool(causal), float(sm_scale),
+                  int(block_q))
+  return heads_major(out)
+
+
 def mla_attention_chunked(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, block_q=512,
                           block_k=512):
   if q.shape[1] <= CHUNKED_MIN_SEQ:
+    if current_platform() == "cpu":
+      return query_blocked_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale,
+                                     block_q=min(block_q, CPU_BLOCK_Q))
     raise NotImplementedError(f"S={q.shape[1]} <= {CHUNKED_MIN_SEQ}: the dense reference is exact and cheap")
   return flash_attention_xla(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale,
                              block_q=block_q, block_k=block_k)

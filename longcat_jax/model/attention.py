@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from longcat_jax.config import ConfigDict, dtype_of, qk_head_dim, softmax_scale
-from longcat_jax.model.layers import apply_rope, constrain, param, rms_norm
+from longcat_jax.model.layers import apply_rope, constrain, param, rms_norm, token_matmul
 from longcat_jax.parallel import context_parallel
 
 
@@ -62,12 +62,12 @@ class MLA(nn.Module):
   def q_latent(self, x):
     """x [B, S, hidden] -> normed query latent [B, S, q_lora_rank] (also the sparse indexer's input)."""
     dt = dtype_of(self.config.dtype)
-    return rms_norm(x @ self.q_a.astype(dt), self.q_a_norm, self.config.latent_norm_eps)
+    return rms_norm(token_matmul(x, self.q_a.astype(dt)), self.q_a_norm, self.config.latent_norm_eps)
 
   def queries(self, x, cos, sin):
     """x [B, S, hidden] -> q_nope [B, S, H, nope], q_rope [B, S, H, rope] (scaled, rotated)."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    q = jnp.einsum("bsr,rhd->bshd", self.q_latent(x), self.q_b.astype(dt)) * jnp.asarray(self.q_scale, dt)
+    q = token_matmul(self.q_latent(x), self.q_b.astype(dt)) * jnp.asarray(self.q_scale, dt)
     q = constrain(q, ("batch", "length", "act_heads", None))
     q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
     return q_nope, apply_rope(q_rope, cos, sin)
@@ -75,7 +75,7 @@ class MLA(nn.Module):
   def latents(self, x, cos, sin):
     """x [B, S, hidden] -> latent c [B, S, R] (normed, scaled), k_rope [B, S, rope] (rotated)."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    ckv = x @ self.kv_a.astype(dt)
+    ckv = token_matmul(x, self.kv_a.astype(dt))
     lat, k_rope = ckv[..., :c.kv_lora_rank], ckv[..., c.kv_lora_rank:]
     lat = rms_norm(lat, self.kv_a_norm, c.latent_norm_eps) * jnp.asarray(self.kv_scale, dt)
     return lat, apply_rope(k_rope, cos, sin)
@@ -83,14 +83,14 @@ class MLA(nn.Module):
   def expand(self, lat, k_rope, q_heads: int | None = None):
     """latent [B, S, R], k_rope [B, S, rope] -> k [B, S, H, nope+rope], v [B, S, H, v]."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    kv = jnp.einsum("bsr,rhd->bshd", lat, self.kv_b.astype(dt))
+    kv = token_matmul(lat, self.kv_b.astype(dt))
     k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + (c.qk_rope_head_dim,))
     return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
   def out_proj(self, attn):
     """attn [B, S, H, v] -> [B, S, hidden]."""
-    return jnp.einsum("bshd,hde->bse", attn, self.o.astype(dtype_of(self.config.dtype)))
+    return token_matmul(attn, self.o.astype(dtype_of(self.config.dtype)), contract=2)
 
   def __call__(self, x, cos, sin, segment_ids=None, indices=None, *, cache_mode=None, cache_lengths=None):
     """x [B, S, hidden] -> [B, S, hidden]; causal within each segment. `indices` [B, S, K]: the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,6 +77,22 @@ def apply_rope(x, cos, sin):
   return out.astype(x.dtype)
 
 
+def token_matmul(x, w, contract: int = 1):
+  """x [B, S, *in] . w [*in, *out] -> [B, S, *out] (`contract` = len(in)) as one 2-D matmul over
+  the B*S tokens.
+
+  Same product as `einsum`; the flat form matters on XLA:CPU, where the weight gradient of a
+  [B, S, d_in] dot otherwise gets its activation cotangent transposed by a copy fused with
+  the preceding elementwise backward (slow), while a [tokens, d_in] dot takes it as it is.
+  """
+  b, s = x.shape[:2]
+  d_in = math.prod(x.shape[2:])
+  if x.ndim != 2 + contract or w.shape[:contract] != x.shape[2:]:
+    raise ValueError(f"token_matmul: x {x.shape} and w {w.shape} do not share {contract} contracted dims")
+  y = jnp.dot(x.reshape(b * s, d_in), w.reshape(d_in, -1))
+  return y.reshape(b, s, *w.shape[contract:])
+
+
 class DenseMLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
@@ -87,7 +105,7 @@ class DenseMLP(nn.Module):
     gate = param(self, "gate", (c.hidden_size, c.ffn_size), ("embed", "mlp"))
     up = param(self, "up", (c.hidden_size, c.ffn_size), ("embed", "mlp"))
     down = param(self, "down", (c.ffn_size, c.hidden_size), ("mlp", "embed"))
-    h = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+    h = nn.silu(token_matmul(x, gate.astype(dt))) * token_matmul(x, up.astype(dt))
     h = constrain(h, ("batch", "length", "act_mlp"))
-    return h @ down.astype(dt)
+    return token_matmul(h, down.astype(dt))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels
 from longcat_jax.config import ConfigDict, dtype_of, num_experts_total
@@ -28,12 +29,37 @@ EXPERT_BIAS = "expert_bias"
 EXPERT_LOAD = "expert_load"
 
 
+@jax.custom_vjp
+def _permute_rows(x, perm, inv):
+  """x[perm] for a permutation `perm` of the rows (inv = its inverse); the cotangent is a gather
+  by `inv`, not the scatter-add that `jnp.take`'s transpose would be."""
+  return jnp.take(x, perm, axis=0)
+
+
+def _permute_rows_fwd(x, perm, inv):
+  return jnp.take(x, perm, axis=0), (perm, inv)
+
+
+def _permute_rows_bwd(res, g):
+  perm, inv = res
+  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return jnp.take(g, inv, axis=0), zero(perm), zero(inv)
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down, *, num_ffn_experts: int,
                      implementation=None, block_m: int = 64):
   """Routed-expert output on one device.
 
   x [T, H] (the normed MoE input), weights/indices [T, k], ffn_counts [N] (assignments per FFN
   expert), w_gate/w_up [N, H, I], w_down [N, I, H] -> [T, H]. Includes the zero-expert term.
+
+  Rows are the (token, slot) pairs sorted by expert. The routing weight is applied to a row's
+  hidden activation before the down projection (sum_j w_j (h_j W_down) = sum_j (w_j h_j) W_down),
+  so no [T, k, H] expert output is kept for the backward, and the slots are summed per token
+  by an unweighted gather.
   """
   t, k = indices.shape
   flat = indices.reshape(-1)
@@ -41,16 +67,16 @@ def dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down, *, n
   # Stable sort by expert; zero-expert slots get key N and land after every FFN row, where the
   # grouped matmul leaves them at zero.
   order = jnp.argsort(jnp.where(is_ffn, flat, num_ffn_experts), stable=True)
-  xs = jnp.take(x, order // k, axis=0)
+  inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))  # order^-1
+  slots = jnp.broadcast_to(x[:, None, :], (t, k, x.shape[-1])).reshape(t * k, -1)
+  xs = _permute_rows(slots, order, inv)
   gmm = lambda a, w: pallas_kernels.grouped_matmul(a, w.astype(x.dtype), ffn_counts,
                                                    implementation=implementation, block_m=block_m)
   h = nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up)
-  ys = gmm(h, w_down)
-  y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(t, k, -1)
-  is_ffn = is_ffn.reshape(t, k)
-  w_ffn = jnp.where(is_ffn, weights, 0.0)
-  w_zero = jnp.where(is_ffn, 0.0, weights).sum(-1, keepdims=True)
-  out = jnp.einsum("tk,tkh->th", w_ffn.astype(jnp.float32), y.astype(jnp.float32))
+  w_rows = jnp.take(jnp.where(is_ffn, weights.reshape(-1), 0.0), order)  # [T k], 0 past the FFN rows
+  ys = gmm((w_rows[:, None] * h.astype(jnp.float32)).astype(x.dtype), w_down)
+  out = _permute_rows(ys, inv, order).reshape(t, k, -1).astype(jnp.float32).sum(1)
+  w_zero = jnp.where(is_ffn.reshape(t, k), 0.0, weights).sum(-1, keepdims=True)
   return (out + w_zero * x.astype(jnp.float32)).astype(x.dtype)
 
 

@@ -17,6 +17,7 @@ attention, the `gather` expert-parallel transport); a GPU program differs in its
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import math
 import os
@@ -105,7 +106,6 @@ def main(argv=None, figures=None):
     field, _, value = item.partition("=")
     if field not in m:
       raise SystemExit(f"--set {item}: the model config has no field {field!r}")
-    import ast
     try:
       value = ast.literal_eval(value)
     except (ValueError, SyntaxError):

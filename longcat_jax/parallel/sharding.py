@@ -58,7 +58,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("ngram_vocab", "fsdp"),
     ("index_heads", "tensor"),                  # sparse-attention indexer
     ("exp_all", None),                          # router classes (N + Z): small, embed shards it
-    ("ngram_dim", None),
     ("index_dim", None),
     ("norm", None),
     ("qk_dim", None),

@@ -152,6 +152,7 @@ def bench_attention(s, table, dtype, kernels, repeats):
     pad_v = lambda v: jnp.pad(v, [(0, 0)] * 3 + [(0, DQK - DV)])
     impls.append(("cudnn (dot_product_attention)", cudnn))
     impls.append(("cudnn, V zero-padded to Dqk", lambda q, k, v: cudnn(q, k, pad_v(v))[..., :DV]))
+    impls.append(("auto (registry's choice)", lambda q, k, v: pk.mla_attention(q, k, v, **kw)))
   if kernels:
     impls.append(("pallas (512x512)", lambda q, k, v: pk.mla_attention(q, k, v, implementation="pallas", **kw)))
     impls.append(("pallas (128x64)", lambda q, k, v: pk.mla_attention(

@@ -1,12 +1,14 @@
 """Ordered-implementation dispatch, one small registry per op (the tokamax idea).
 
-An op holds implementations in preference order: Pallas kernels first (in registration order),
-then XLA paths (in registration order, the exact reference last). Each implementation may raise
+An op holds implementations in preference order: vendor-library calls (e.g. cuDNN through
+`jax.nn.dot_product_attention`, where they measured faster), then Pallas kernels, then XLA paths
+(each in registration order, the exact reference last). Each implementation may raise
 `NotImplementedError` for shapes or platforms it cannot do; the next one is tried.
 
 `implementation=` on every public entry point:
-  None / "auto"  the platform the computation runs on decides: compiled kernels registered for it,
-                 then the XLA paths. On CPU only the XLA paths (Pallas on CPU is interpret-only).
+  None / "auto"  the platform the computation runs on decides: library calls and compiled kernels
+                 registered for it, then the XLA paths. On CPU only the XLA paths (Pallas on CPU
+                 is interpret-only).
   "pallas"       only Pallas kernels registered for this platform, compiled (Triton / Mosaic).
   "interpret"    the Pallas kernels in interpret mode, whatever their platform (tests on CPU).
   "xla"          only the pure-jnp paths.
@@ -24,6 +26,7 @@ from typing import Callable, Sequence
 import jax
 
 IMPLEMENTATIONS = (None, "auto", "pallas", "interpret", "xla")
+KINDS = ("library", "pallas", "xla")  # preference order under auto
 
 
 def current_platform() -> str:
@@ -36,7 +39,7 @@ def current_platform() -> str:
 class Implementation:
   name: str
   fn: Callable
-  kind: str  # "pallas" (called with interpret=bool) | "xla"
+  kind: str  # "library" (auto only) | "pallas" (called with interpret=bool) | "xla"
   platforms: tuple[str, ...] | None  # None = any platform
   auto: bool = True  # False: only when asked for by mode ("pallas"/"interpret"), never by auto
 
@@ -54,17 +57,16 @@ class Op:
   def register(self, name: str, *, kind: str, platforms: Sequence[str] | None = None, auto: bool = True):
     """Decorator adding `fn` after the implementations of its kind registered so far. auto=False
     keeps a kernel out of the automatic choice (where it measured slower than the XLA path)."""
-    if kind not in ("pallas", "xla"):
-      raise ValueError(f"{self.name}: kind must be 'pallas' or 'xla', got {kind!r}")
+    if kind not in KINDS:
+      raise ValueError(f"{self.name}: kind must be one of {KINDS}, got {kind!r}")
     if any(i.name == name for i in self.impls):
       raise ValueError(f"{self.name}: an implementation named {name!r} is already registered")
 
     def deco(fn):
       impl = Implementation(name, fn, kind, tuple(platforms) if platforms else None, auto)
-      if kind == "xla":  # XLA paths go last so that auto prefers kernels.
-        self.impls.append(impl)
-      else:
-        self.impls.insert(sum(i.kind == "pallas" for i in self.impls), impl)
+      # Keep the impls grouped by kind in KINDS order, registration order within a kind.
+      rank = KINDS.index(kind)
+      self.impls.insert(sum(KINDS.index(i.kind) <= rank for i in self.impls), impl)
       return fn
 
     return deco

@@ -72,15 +72,16 @@ def _toy_op(log):
   op.register("gpu_kernel", kind="pallas", platforms=("gpu",))(make("gpu_kernel"))
   op.register("tpu_kernel", kind="pallas", platforms=("tpu",))(make("tpu_kernel"))
   op.register("chunked", kind="xla")(make("chunked", raises=True))
+  op.register("vendor", kind="library", platforms=("gpu",))(make("vendor"))  # registered last, ranks first
   return op
 
 
 def test_registry_order_and_modes():
   op = _toy_op([])
-  assert [i.name for i in op.impls] == ["gpu_kernel", "tpu_kernel", "dense", "chunked"]
+  assert [i.name for i in op.impls] == ["vendor", "gpu_kernel", "tpu_kernel", "dense", "chunked"]
   names = lambda mode, platform: [(i.name, interp) for i, interp in op.candidates(mode, platform)]
   assert names(None, "cpu") == [("dense", False), ("chunked", False)]
-  assert names("auto", "gpu") == [("gpu_kernel", False), ("dense", False), ("chunked", False)]
+  assert names("auto", "gpu") == [("vendor", False), ("gpu_kernel", False), ("dense", False), ("chunked", False)]
   assert names(None, "tpu") == [("tpu_kernel", False), ("dense", False), ("chunked", False)]
   assert names("pallas", "gpu") == [("gpu_kernel", False)]
   assert names("pallas", "cpu") == []
@@ -92,7 +93,7 @@ def test_registry_fallthrough_and_errors(monkeypatch):
   monkeypatch.setattr(registry, "current_platform", lambda: "cpu")  # also when run on a GPU machine
   log = []
   op = _toy_op(log)
-  op.impls.insert(2, op.impls.pop(3))  # chunked (always declines) before dense
+  op.impls.insert(3, op.impls.pop(4))  # chunked (always declines) before dense
   assert op(1, implementation="xla") == "dense"
   assert log == [("chunked", None), ("dense", None)]
   assert op(1, implementation="interpret") == "gpu_kernel"
@@ -112,11 +113,14 @@ def test_registered_ops():
   # The routing kernel measured slower than lax.top_k on an H200: auto skips it, pallas runs it.
   assert [i.name for i, _ in topk_route_op.candidates("auto", "gpu")] == ["xla"]
   assert [i.name for i, _ in topk_route_op.candidates("pallas", "gpu")] == ["triton"]
-  assert [i.name for i, _ in mla_attention_op.candidates("auto", "gpu")][0] == "triton"
+  # cuDNN (a library call) before the Triton kernel under auto; never in the pallas/interpret modes.
+  assert [i.name for i, _ in mla_attention_op.candidates("auto", "gpu")] == ["cudnn", "triton", "xla_chunked", "xla"]
+  assert [i.name for i, _ in mla_attention_op.candidates("pallas", "gpu")] == ["triton"]
+  assert [i.name for i, _ in mla_attention_op.candidates("auto", "cpu")] == ["xla_chunked", "xla"]
   order = lambda op: [i.name for i in op.impls]
   assert order(topk_route_op) == ["triton", "xla"]
   assert order(grouped_matmul_op) == ["triton", "megablox", "xla"]
-  assert order(mla_attention_op) == ["triton", "xla_chunked", "xla"]
+  assert order(mla_attention_op) == ["cudnn", "triton", "xla_chunked", "xla"]
   assert order(pk.mla_decode.mla_decode_op) == ["triton", "xla"]
   assert all(i.platforms == ("gpu",) for op in (topk_route_op, mla_attention_op) for i in op.impls
              if i.name == "triton")

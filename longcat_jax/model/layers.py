@@ -78,17 +78,21 @@ def apply_rope(x, cos, sin):
 
 
 def token_matmul(x, w, contract: int = 1):
-  """x [B, S, *in] . w [*in, *out] -> [B, S, *out] (`contract` = len(in)) as one 2-D matmul over
-  the B*S tokens.
+  """x [B, S, *in] . w [*in, *out] -> [B, S, *out] (`contract` = len(in)).
 
-  Same product as `einsum`; the flat form matters on XLA:CPU, where the weight gradient of a
-  [B, S, d_in] dot otherwise gets its activation cotangent transposed by a copy fused with
-  the preceding elementwise backward (slow), while a [tokens, d_in] dot takes it as it is.
+  Outside a mesh (no logical-axis rules active) this is one 2-D matmul over the B*S tokens: on
+  XLA:CPU the weight gradient of a [B, S, d_in] dot otherwise gets its activation cotangent
+  transposed by a copy fused with the preceding elementwise backward (slow), while a
+  [tokens, d_in] dot takes it as it is. Under a mesh it is the plain einsum, so that a sequence
+  split over devices (context parallelism) is never merged with the batch axis (which would
+  need an all-gather).
   """
-  b, s = x.shape[:2]
-  d_in = math.prod(x.shape[2:])
   if x.ndim != 2 + contract or w.shape[:contract] != x.shape[2:]:
     raise ValueError(f"token_matmul: x {x.shape} and w {w.shape} do not share {contract} contracted dims")
+  if nn.get_logical_axis_rules():
+    return jnp.tensordot(x, w, axes=contract)
+  b, s = x.shape[:2]
+  d_in = math.prod(x.shape[2:])
   y = jnp.dot(x.reshape(b * s, d_in), w.reshape(d_in, -1))
   return y.reshape(b, s, *w.shape[contract:])
 

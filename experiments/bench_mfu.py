@@ -31,15 +31,6 @@ GPU_MEDIUM = dict(hidden_size=2048, num_layers=4, num_heads=16, q_lora_rank=1536
                   vocab_size=32768)
 
 
-def _parse_value(v: str):
-  for cast in (int, float):
-    try:
-      return cast(v)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(v.lower(), v)
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="gpu_medium", help="gpu_medium (above) or a longcat_jax preset")
@@ -55,8 +46,9 @@ def main(argv=None):
   import jax.numpy as jnp
   import numpy as np
 
-  from longcat_jax import train
   import longcat_jax as lj
+  from experiments import common
+  from longcat_jax import train
   from longcat_jax.train import metrics
 
   def make_cfg(kernels):
@@ -64,9 +56,7 @@ def main(argv=None):
                                  batch_size=args.batch, seq_len=args.seq)
     if args.preset == "gpu_medium":
       cfg.model.update(GPU_MEDIUM)
-    for item in args.set:
-      k, _, v = item.partition("=")
-      cfg.model[k] = _parse_value(v)
+    common.set_fields(cfg.model, args.set)
     cfg.model.update(dtype="bfloat16", param_dtype="float32", kernels=kernels, remat=args.remat)
     return cfg
 

@@ -12,6 +12,7 @@ and a `--smoke` flag (a few steps, used by tests/test_experiments.py).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import time
@@ -365,6 +366,21 @@ def parse_args(description: str, scales: dict, add_arguments=None):
     RESULTS_DIR = os.path.join(RUNS_DIR, "results")
   suffix = (f"_{args.scale}" if args.scale != "small" else "") + (f"_{args.tag}" if args.tag else "")
   return args, scales["smoke" if args.smoke else args.scale], suffix
+
+
+def set_fields(config, items) -> None:
+  """Applies `--set FIELD=VALUE` overrides (VALUE a Python literal, else a bare string) to an
+  ml_collections config; an unknown field is an error naming it (plan.py, bench_mfu.py)."""
+  for item in items:
+    field, _, value = item.partition("=")
+    if field not in config:
+      raise SystemExit(f"--set {item}: the model config has no field {field!r}")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a bare string, e.g. --set kernels=xla
+    with config.ignore_type():
+      config[field] = value
 
 
 def summary_line(name: str, out: dict) -> str:

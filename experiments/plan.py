@@ -17,7 +17,6 @@ attention, the `gather` expert-parallel transport); a GPU program differs in its
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import math
 import os
@@ -90,6 +89,7 @@ def main(argv=None, figures=None):
   import longcat_jax
   from longcat_jax import train
   from jax.sharding import NamedSharding, PartitionSpec as P
+  from experiments import common
 
   t0 = time.time()
   config = train.get_train_config(args.model, batch_size=args.batch, seq_len=args.seq,
@@ -102,16 +102,7 @@ def main(argv=None, figures=None):
     m.num_layers = args.layers
   if args.mtp_heads >= 0:
     m.mtp_num_heads = args.mtp_heads
-  for item in args.set:
-    field, _, value = item.partition("=")
-    if field not in m:
-      raise SystemExit(f"--set {item}: the model config has no field {field!r}")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass  # a bare string, e.g. --set kernels=xla
-    with m.ignore_type():
-      m[field] = value
+  common.set_fields(m, args.set)
   config.loss.balance_groups = sizes["expert"] if m.num_ffn_experts % sizes["expert"] == 0 else 1
   model = longcat_jax.LongcatForCausalLM(m)
   pc = sharding.parallel_config(mesh=sizes, ep_transport=args.ep_transport,

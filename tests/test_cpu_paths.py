@@ -16,6 +16,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels.mla_attention import mla_attention_op, mla_attention_reference, query_blocked_attention
+from jaxpr_walk import largest_intermediate
 
 F32_TOL = 1e-5
 
@@ -81,20 +82,6 @@ def test_auto_attention_on_cpu_is_query_blocked():
   b, s, h = 1, 256, 2
   q, k, v = _normal(0, (b, s, h, 8)), _normal(1, (b, s, h, 8)), _normal(2, (b, s, h, 8))
   fn = lambda q, k, v: jnp.sum(pk.mla_attention(q, k, v, block_q=512, block_k=512))
-  jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, k, v).jaxpr
-  largest = max(int(np.prod(v.aval.shape)) for e in _equations(jaxpr) for v in e.outvars
-                if hasattr(v.aval, "shape"))
+  largest = largest_intermediate(jax.grad(fn, argnums=(0, 1, 2)), q, k, v)
   assert largest < b * h * s * s, largest
   np.testing.assert_allclose(pk.mla_attention(q, k, v), mla_attention_reference(q, k, v), rtol=1e-5, atol=1e-6)
-
-
-def _equations(jaxpr):
-  """Every equation of a jaxpr, sub-jaxprs (loops, custom VJPs) included."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          yield from _equations(sub)
-

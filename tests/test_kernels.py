@@ -22,6 +22,7 @@ from pallas_kernels.mla_attention import flash_attention_xla, mla_attention_op, 
 from pallas_kernels import registry
 from pallas_kernels.registry import Op
 from pallas_kernels.topk_route import topk_route_op
+from jaxpr_walk import equations, largest_intermediate
 
 F32_TOL, BF16_TOL = 1e-5, 2e-2
 # The Pallas mode the kernel tests run: "interpret" everywhere (CPU CI); on a GPU machine
@@ -282,23 +283,6 @@ def test_mla_attention_chunked_xla(causal, segments):
                    segment_ids=SEGMENTS if segments else None, block_q=8, block_k=16)
 
 
-def _equations(jaxpr):
-  """Every equation of a jaxpr, sub-jaxprs (loops, custom VJPs, pallas kernels) included."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          yield from _equations(sub)
-
-
-def _largest_intermediate(fn, *args) -> int:
-  """Element count of the largest value anywhere in fn's jaxpr."""
-  return max(int(np.prod(v.aval.shape)) for e in _equations(jax.make_jaxpr(fn)(*args).jaxpr)
-             for v in e.outvars if hasattr(v.aval, "shape"))
-
-
 def test_mla_attention_auto_long_sequence_is_chunked():
   """auto/xla on S > 1024 takes the chunked path: same answer, no [S, S] intermediate."""
   s = 1100
@@ -307,9 +291,9 @@ def test_mla_attention_auto_long_sequence_is_chunked():
   fn = lambda q, k, v, seg: pk.mla_attention(q, k, v, segment_ids=seg, sm_scale=0.3, block_q=128,
                                              block_k=128)
   grad_fn = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 1, 2))
-  assert _largest_intermediate(grad_fn, q, k, v, seg) < s * s // 4
+  assert largest_intermediate(grad_fn, q, k, v, seg) < s * s // 4
   short = [x[:, :64] for x in (q, k, v, seg)]
-  assert _largest_intermediate(fn, *short) >= 64 * 64  # S <= 1024 keeps the dense reference
+  assert largest_intermediate(fn, *short) >= 64 * 64  # S <= 1024 keeps the dense reference
   out = jax.jit(fn)(q, k, v, seg)
   assert_close(out, mla_attention_reference(q, k, v, segment_ids=seg, sm_scale=0.3), F32_TOL, "out")
 
@@ -350,7 +334,7 @@ def test_tiny_model_interpret_matches_xla():
       return -jnp.mean(jnp.take_along_axis(logp, jnp.roll(ids, -1, 1)[..., None], -1)), logits
 
     traced = jax.jit(jax.value_and_grad(loss, has_aux=True)).trace(variables["params"])
-    kernels = {e.params["name"] for e in _equations(traced.jaxpr.jaxpr)
+    kernels = {e.params["name"] for e in equations(traced.jaxpr.jaxpr)
                if e.primitive.name == "pallas_call"}
     (_, logits), grads = traced.lower().compile()(variables["params"])
     return logits, grads, kernels
@@ -413,11 +397,11 @@ def test_sharded_step_interpret_matches_xla():
       traced = step.trace(*args)
       (loss, (logits, load)), grads = traced.lower().compile(
           {"xla_backend_optimization_level": 0})(*args)
-    eqns = list(_equations(traced.jaxpr.jaxpr))
+    eqns = list(equations(traced.jaxpr.jaxpr))
     shard_maps = [e for e in eqns if e.primitive.name == "shard_map"]
     kernels_used = {e.params["name"] for e in eqns if e.primitive.name == "pallas_call"}
     # Which Pallas kernels run inside the shard_maps (routing, per-device expert FFN).
-    in_shard_map = {e.params["name"] for sm in shard_maps for e in _equations(sm.params["jaxpr"])
+    in_shard_map = {e.params["name"] for sm in shard_maps for e in equations(sm.params["jaxpr"])
                     if e.primitive.name == "pallas_call"}
     type_checked = {sm.params["check_vma"] for sm in shard_maps}
     return loss, logits, load, grads, kernels_used, in_shard_map, type_checked

@@ -4,11 +4,16 @@
     python experiments/bench_train.py --preset tiny --batch 2 --seq 128 --repeats 3
     python experiments/bench_train.py --remat save_dots     # recompute non-matmul values in the backward
 
-Both sides run forward + backward of the next-token loss on the same batch with the same weights
+Like for like: our full training step (the trainer's own `build(config).step`: forward, backward,
+AdamW, clipping, expert-bias controller) beside transformers' forward + backward +
+`torch.optim.AdamW` step (same hyper-parameters, gradient clipping) on the same weights and batch
 (ours are written with `save_pretrained` and loaded by transformers, so routing is identical).
-Timings interleave the two sides and report medians; MFU is model FLOPs (`train.metrics`, the
-same count for both) over the machine's measured float32 matmul peak. Also reported: our full
-training step (forward + backward + AdamW + expert-bias controller).
+Forward + backward alone is timed on both sides too, and our step jitted the way the trainer did
+before `build` (no buffer donation) as an A/B row. Timings interleave all rows repeat by repeat
+and report medians, the spread and each repeat's full-step ratio; MFU is model FLOPs
+(`train.metrics`, the same count for both) over the best of several float32 matmul probes of
+either library. The ratio is not printed when the 1-minute load average at the start exceeds half
+the cores (a loaded machine measures contention), unless `--force`.
 
 Each row also gives the process CPU time per call (user + sys, median) and the load average is
 printed: on a shared machine wall times are inflated by other work, CPU times much less.
@@ -37,7 +42,9 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: all cores, each side's default)")
   p.add_argument("--remat", default=None, help="our side's config.remat: none | full | save_dots | save_moe")
+  p.add_argument("--force", action="store_true", help="print ratios even on a loaded machine")
   args = p.parse_args(argv)
+  load_start = os.getloadavg()
   if args.threads == 1:  # before JAX starts its CPU client
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
@@ -53,15 +60,18 @@ def main(argv=None):
 
   import longcat_jax as lj
   from longcat_jax import train
-  from longcat_jax.train import losses, metrics
+  from longcat_jax.train import losses, metrics, trainer
 
   torch.set_num_threads(args.threads)
   cfg = train.get_train_config(args.preset, batch_size=args.batch, seq_len=args.seq)
   cfg.model.dtype = cfg.model.param_dtype = "float32"
   cfg.model.remat = args.remat or cfg.model.remat
   c = cfg.model
-  model = lj.LongcatForCausalLM(c)
-  state = train.init_train_state(model, cfg, jax.random.PRNGKey(0))
+  program = trainer.build(cfg)                       # one CPU device: the default mesh
+  model = program.model
+  state = program.init(jax.random.PRNGKey(0))
+  state_prev = jax.tree.map(jnp.copy, state)
+  params0, bias0 = jax.tree.map(jnp.copy, (state.params, state.expert_bias))  # program.step donates `state`
   rng = np.random.RandomState(0)
   ids = rng.randint(3, c.vocab_size, (args.batch, args.seq)).astype(np.int32)
   batch = dict(input_ids=ids, targets=np.concatenate([ids[:, 1:], np.zeros((args.batch, 1), np.int32)], 1),
@@ -72,27 +82,30 @@ def main(argv=None):
 
   # Ours: forward + backward of the loss (as the reference does), and the full training step.
   def loss(params):
-    hidden = model.apply({"params": params, "expert_bias": state.expert_bias}, batch["input_ids"], batch["positions"],
+    hidden = model.apply({"params": params, "expert_bias": bias0}, batch["input_ids"], batch["positions"],
                          batch["segment_ids"], return_hidden=True)
     nll, n = losses.next_token_nll(hidden, params["lm_head"], batch["targets"], batch["loss_mask"])
     return nll / n
 
   fwd_bwd = jax.jit(jax.value_and_grad(loss))
-  step = jax.jit(train.make_train_step(model, cfg))
+  step_prev = jax.jit(train.make_train_step(model, cfg))   # how the trainer jitted it before build()
   t = time.perf_counter()
-  jax.block_until_ready(fwd_bwd(state.params))
+  jax.block_until_ready(fwd_bwd(params0))
   compile_fb = time.perf_counter() - t
   t = time.perf_counter()
-  _, m = step(state, batch)
+  state, m = program.step(state, batch)   # donates the state it is given
   jax.block_until_ready(m)
   compile_step = time.perf_counter() - t
+  jax.block_until_ready(step_prev(state_prev, batch))
   ffn_per_token = float(np.mean(m["ffn_experts_mean"]))
 
   # Reference: the same weights through save_pretrained -> from_pretrained.
   with tempfile.TemporaryDirectory() as d:
-    lj.save_pretrained(d, model, {"params": state.params, "expert_bias": state.expert_bias})
+    lj.save_pretrained(d, model, {"params": params0, "expert_bias": bias0})
     ref = LongcatFlashForCausalLM.from_pretrained(d, torch_dtype=torch.float32).train()
   tids = torch.as_tensor(ids, dtype=torch.long)
+  o = cfg.optimizer
+  opt = torch.optim.AdamW(ref.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
 
   def ref_fwd_bwd():
     ref.zero_grad(set_to_none=True)
@@ -100,11 +113,27 @@ def main(argv=None):
     out.loss.backward()
     return out.loss.item()
 
-  ours_loss = float(fwd_bwd(state.params)[0])
-  ref_loss = ref_fwd_bwd()                                   # warm-up
+  def ref_step():
+    loss = ref_fwd_bwd()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip)
+    opt.step()
+    return loss
 
-  timings = {"ours_fwd_bwd": [], "ours_step": [], "ref_fwd_bwd": []}
+  ours_loss = float(fwd_bwd(params0)[0])
+  ref_loss = ref_fwd_bwd()                                   # warm-up (before any update)
+  ref_step()
+
+  timings = {"ref_step": [], "ref_fwd_bwd": [], "ours_step": [], "ours_step_prev": [], "ours_fwd_bwd": []}
   cpu = {key: [] for key in timings}
+  carry = {"state": state, "prev": state_prev}
+
+  def ours_step():
+    carry["state"], m = program.step(carry["state"], batch)
+    jax.block_until_ready(m)
+
+  def ours_step_prev():
+    out = step_prev(carry["prev"], batch)
+    jax.block_until_ready(out)
 
   def timed(key, fn):
     c, t = _cpu_seconds(), time.perf_counter()
@@ -113,13 +142,15 @@ def main(argv=None):
     cpu[key].append(_cpu_seconds() - c)
 
   for _ in range(args.repeats):
-    timed("ours_fwd_bwd", lambda: jax.block_until_ready(fwd_bwd(state.params)))
+    timed("ref_step", ref_step)
+    timed("ours_step", ours_step)
     timed("ref_fwd_bwd", ref_fwd_bwd)
-    timed("ours_step", lambda: jax.block_until_ready(step(state, batch)))
+    timed("ours_fwd_bwd", lambda: jax.block_until_ready(fwd_bwd(params0)))
+    timed("ours_step_prev", ours_step_prev)
 
   peak_jax = metrics.device_peak_flops("float32")
   a = torch.ones(1024, 1024)
-  best = min(_time(lambda: a @ a) for _ in range(5))
+  best = min(_time(lambda: a @ a) for _ in range(10))
   peak_torch = 2 * 1024 ** 3 / best
   peak = max(peak_jax, peak_torch)
   tokens = args.batch * args.seq
@@ -132,16 +163,27 @@ def main(argv=None):
         f"float32 matmul peak: jax {peak_jax / 1e9:.0f} GFLOP/s, torch {peak_torch / 1e9:.0f} GFLOP/s")
   print(f"loss on the batch: longcat_jax {ours_loss:.5f}, transformers {ref_loss:.5f}")
   print(f"compile: fwd+bwd {compile_fb:.1f}s, train step {compile_step:.1f}s")
-  rows = [("transformers fwd+bwd", "ref_fwd_bwd"), ("longcat_jax fwd+bwd", "ours_fwd_bwd"),
-          ("longcat_jax train step", "ours_step")]
-  base = tokens / np.median(timings["ref_fwd_bwd"])
-  print(f"{'':26s} {'median s':>9s} {'tokens/s':>9s} {'MFU':>6s} {'vs ref':>7s} {'CPU s':>7s}")
-  for name, key in rows:
+  rows = [("transformers step (+AdamW)", "ref_step", "ref_step"), ("longcat_jax train step", "ours_step", "ref_step"),
+          ("  same, previous jit", "ours_step_prev", "ref_step"),
+          ("transformers fwd+bwd", "ref_fwd_bwd", "ref_fwd_bwd"), ("longcat_jax fwd+bwd", "ours_fwd_bwd", "ref_fwd_bwd")]
+  loaded = load_start[0] > 0.5 * os.cpu_count() and not args.force
+  print(f"{'':28s} {'median s':>9s} {'min-max s':>13s} {'tokens/s':>9s} {'MFU':>6s} {'vs ref':>7s} {'CPU s':>7s}")
+  for name, key, ref_key in rows:
     med = float(np.median(timings[key]))
     tps = tokens / med
-    print(f"{name:26s} {med:9.3f} {tps:9.0f} {tps * flops / peak:6.1%} {tps / base:6.2f}x "
-          f"{np.median(cpu[key]):7.2f}")
-  print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    ratio = "   n/a" if loaded else f"{np.median(timings[ref_key]) / med:6.2f}x"
+    print(f"{name:28s} {med:9.3f} {min(timings[key]):6.2f}-{max(timings[key]):<6.2f} {tps:9.0f} "
+          f"{tps * flops / peak:6.1%} {ratio} {np.median(cpu[key]):7.2f}")
+  if not loaded:
+    per = [r / o for r, o in zip(timings["ref_step"], timings["ours_step"])]
+    print("full step ratio per repeat: " + ", ".join(f"{x:.2f}x" for x in per) + f" (min {min(per):.2f}x)")
+    ab = [p / o for p, o in zip(timings["ours_step_prev"], timings["ours_step"])]
+    print("A/B trainer step vs previous jit per repeat: " + ", ".join(f"{x:.2f}x" for x in ab))
+  else:
+    print(f"ratios withheld: load average {load_start[0]:.2f} at the start > {0.5 * os.cpu_count():.1f} "
+          "(half the cores); rerun on an idle machine or pass --force")
+  print("load average at start (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in load_start)
+        + "; at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 def _cpu_seconds() -> float:

@@ -62,7 +62,7 @@ def conventional_layer_cls():
   import flax.linen as nn
   from longcat_jax.model import transformer
   from longcat_jax.model.attention import MLA
-  from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain
+  from longcat_jax.model.layers import DenseMLP, RMSNorm
   from longcat_jax.model.moe import MoE
 
   class ConventionalMoELayer(transformer.ScMoELayer):
@@ -70,16 +70,16 @@ def conventional_layer_cls():
 
     @nn.compact
     def __call__(self, h, cos, sin, segment_ids, cache_lengths=None):
-      c = self.config
+      c, p = self.config, self.placement
       if self.cache_mode is not None or c.get("sparse_attention") is not None:
         raise NotImplementedError("ConventionalMoELayer is a training-only baseline (no cache, dense attention)")
       norm = lambda name: RMSNorm(c, c.rms_norm_eps, name=name)
-      h = constrain(h, ("batch", "length", "embed"))
-      h = h + MLA(c, name="attn_0")(norm("input_norm_0")(h), cos, sin, segment_ids)
-      h = h + DenseMLP(c, name="mlp_0")(norm("post_attn_norm_0")(h))
-      h = h + MLA(c, name="attn_1")(norm("input_norm_1")(h), cos, sin, segment_ids)
+      h = p.constrain(h, ("batch", "length", "embed"))
+      h = h + MLA(c, p, name="attn_0")(norm("input_norm_0")(h), cos, sin, segment_ids)
+      h = h + DenseMLP(c, p, name="mlp_0")(norm("post_attn_norm_0")(h))
+      h = h + MLA(c, p, name="attn_1")(norm("input_norm_1")(h), cos, sin, segment_ids)
       x = norm("post_attn_norm_1")(h)
-      h = h + DenseMLP(c, name="mlp_1")(x) + MoE(c, name="moe")(x)
+      h = h + DenseMLP(c, p, name="mlp_1")(x) + MoE(c, p, name="moe")(x)
       return h, None
 
   return ConventionalMoELayer
@@ -184,40 +184,26 @@ def layer_jaxpr(config, variant: str, mesh, parallel, batch: int, seq: int):
   import jax.numpy as jnp
   from longcat_jax.model import transformer
   from longcat_jax.model.layers import rope_cos_sin
-  from longcat_jax.parallel import sharding
+  from longcat_jax.parallel import MeshPlacement
   with layer_variant(variant):
-    layer = transformer.ScMoELayer(config)
+    layer = transformer.ScMoELayer(config, placement=MeshPlacement.from_parallel(mesh, parallel))
   h = jax.ShapeDtypeStruct((batch, seq, config.hidden_size), jnp.dtype(config.dtype))
   pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
   cos, sin = rope_cos_sin(config, pos)
   seg = jnp.ones((batch, seq), jnp.int32)
-  with sharding.mesh_context(mesh, parallel=parallel):
-    v = jax.eval_shape(lambda hh: nn.meta.unbox(layer.init(jax.random.key(0), hh, cos, sin, seg)), h)
-    fn = lambda v, hh: layer.apply(v, hh, cos, sin, seg, mutable=["expert_load", "intermediates"])
-    return jax.make_jaxpr(fn)(v, h).jaxpr
+  v = jax.eval_shape(lambda hh: nn.meta.unbox(layer.init(jax.random.key(0), hh, cos, sin, seg)), h)
+  fn = lambda v, hh: layer.apply(v, hh, cos, sin, seg, mutable=["expert_load", "intermediates"])
+  return jax.make_jaxpr(fn)(v, h).jaxpr
 
 
 def compiled_collectives(config, variant: str, mesh, parallel, batch: int, seq: int) -> dict:
-  """Collectives in the compiled training step (XLA:CPU), by kind; async ones end in -start."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from longcat_jax import train
-  from longcat_jax.model import LongcatForCausalLM
-  from longcat_jax.parallel import sharding
+  """Collectives in the trainer's compiled training step (XLA:CPU), by kind; async ones end in -start."""
+  from longcat_jax.train import trainer
+  config = config.copy_and_resolve_references()
+  config.batch_size, config.seq_len = batch, seq
+  config.ep_transport, config.ep_chunk_tokens = parallel.ep_transport, parallel.ep_chunk_tokens
   with layer_variant(variant):
-    model = LongcatForCausalLM(config.model)
-    var_sh = sharding.variable_shardings(model, mesh)
-    tx, _ = train.make_optimizer(model, config)
-    shape = train.abstract_train_state(model, config)
-    state_sh = sharding.train_state_shardings(tx, shape, var_sh, mesh)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, state_sh)
-    bsh = sharding.batch_sharding(mesh, shape=(batch, seq))
-    data = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bsh)
-            for k in train.step.BATCH_KEYS}
-    with sharding.mesh_context(mesh, parallel=parallel):
-      step = jax.jit(train.make_train_step(model, config), out_shardings=(state_sh, NamedSharding(mesh, P())))
-      hlo = step.lower(state, data).compile().as_text()
+    hlo = trainer.build(config, mesh).lower().compile().as_text()
   kinds = hlo_collectives(hlo)
   return dict(collectives=kinds, async_ops=sum(sum(v.values()) for k, v in kinds.items() if k.endswith("-start")))
 

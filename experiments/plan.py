@@ -2,10 +2,10 @@
 
     python experiments/plan.py --model flash --mesh fsdp=16,expert=16 --seq 8192 --batch 256 --hbm-gib 80
 
-Nothing is allocated: the train state and the batch are ShapeDtypeStructs carrying the shardings
-of the logical-axis table (longcat_jax/parallel/sharding.py), the real `train.make_train_step` is
-lowered with `jax.jit(...).lower(...)` and compiled for as many CPU devices as the mesh has
-(`jax_num_cpu_devices`). Prints, per device: parameters and optimizer state (from the compiled
+Nothing is allocated: the trainer's own program (`longcat_jax.train.trainer.build`: the model on
+its mesh placement, the train state and the batch as ShapeDtypeStructs carrying the shardings of
+the logical-axis table, the jitted step) is lowered (`Program.lower`) and compiled for as many CPU
+devices as the mesh has (`jax_num_cpu_devices`). Prints, per device: parameters and optimizer state (from the compiled
 program's input shardings), temporaries (activations, gradients, gathered weights: XLA's buffer
 assignment, `compiled.memory_analysis()`), an analytic estimate beside them, the collectives in
 the step, and whether it fits in `--hbm-gib`.
@@ -85,15 +85,16 @@ def main(argv=None, figures=None):
   if len(jax.devices()) < n_dev:
     raise SystemExit(f"the mesh needs {n_dev} devices; JAX has {len(jax.devices())}")
   import jax.numpy as jnp
-  import numpy as np
   import longcat_jax
   from longcat_jax import train
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from longcat_jax.parallel import expert_parallel
+  from longcat_jax.train import trainer
   from experiments import common
 
   t0 = time.time()
   config = train.get_train_config(args.model, batch_size=args.batch, seq_len=args.seq,
-                                  grad_accum_steps=args.grad_accum)
+                                  grad_accum_steps=args.grad_accum, ep_transport=args.ep_transport,
+                                  ep_chunk_tokens=args.ep_chunk_tokens)
   m = config.model
   m.remat, m.dtype, m.param_dtype = args.remat, args.dtype, args.param_dtype
   if args.nonfinite:
@@ -104,46 +105,32 @@ def main(argv=None, figures=None):
     m.mtp_num_heads = args.mtp_heads
   common.set_fields(m, args.set)
   config.loss.balance_groups = sizes["expert"] if m.num_ffn_experts % sizes["expert"] == 0 else 1
-  model = longcat_jax.LongcatForCausalLM(m)
-  pc = sharding.parallel_config(mesh=sizes, ep_transport=args.ep_transport,
-                                ep_chunk_tokens=args.ep_chunk_tokens)
-  mesh = sharding.make_mesh(pc, devices=jax.devices()[:n_dev])
+  config.mesh = ",".join(f"{k}={v}" for k, v in sizes.items())
+  mesh = trainer.make_mesh(config, devices=jax.devices()[:n_dev])
   table = fsdp_over(sharding.LOGICAL_AXIS_RULES, "context") if args.fsdp_context else sharding.LOGICAL_AXIS_RULES
-  rules = sharding.fit_batch_rules(mesh, args.batch, table)
+  rules = trainer.make_rules(config, mesh, table)
   edits = [f"{l} -> {a}" for (l, a), (_, b) in zip(rules, sharding.LOGICAL_AXIS_RULES) if a != b]
   counts = longcat_jax.count_params(m)
 
-  # Abstract state and batch with shardings.
-  boxed = sharding.abstract_variables(model)
-  var_sh = sharding.variable_shardings(model, mesh, rules, boxed=boxed)
+  # The trainer's own program: abstract state and batch with the table's shardings, the step.
+  program = trainer.build(config, mesh, rules=rules)
+  state_shape, state_sh, bsh = program.abstract_state, program.state_shardings, program.batch_sharding
   # Fail on big replicated weights; small ones (norm scales: L x hidden float32, 1.2 MiB for
   # longcat2) are replicated by design and only listed.
-  shapes = __import__("flax").linen.meta.unbox(boxed)
-  sharding.check_replicated(var_sh, shapes, threshold_bytes=16 * 2**20)
-  small_rep = sharding.replicated_params(var_sh, shapes)
-  tx, _ = train.make_optimizer(model, config)
-  state_shape = train.abstract_train_state(model, config)
-  state_sh = sharding.train_state_shardings(tx, state_shape, var_sh, mesh)
-  sds = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
-  state = jax.tree.map(sds, state_shape, state_sh)
-  bsh = sharding.batch_sharding(mesh, rules, shape=(args.batch, args.seq))
-  batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                   sharding=bsh) for k in train.step.BATCH_KEYS}
+  sharding.check_replicated(state_sh.params, state_shape.params, threshold_bytes=16 * 2**20)
+  small_rep = sharding.replicated_params(state_sh.params, state_shape.params)
+  batch = program.abstract_batch()
   t_setup = time.time() - t0
   if args.no_compile:
     return _layout_only(args, m, sizes, n_dev, counts, state_shape, state_sh, bsh, t_setup)
 
-  train_step = train.make_train_step(model, config)
-  with sharding.mesh_context(mesh, rules, parallel=pc):
-    step = jax.jit(train_step, donate_argnums=(0,),
-                   out_shardings=(state_sh, NamedSharding(mesh, P())))
-    t1 = time.time()
-    lowered = step.lower(state, batch)
-    t_lower = time.time() - t1
-    print(f"   lowered in {t_lower:.0f}s; compiling for {n_dev} devices ...", file=sys.stderr, flush=True)
-    t1 = time.time()
-    compiled = lowered.compile()
-    t_compile = time.time() - t1
+  t1 = time.time()
+  lowered = program.lower()
+  t_lower = time.time() - t1
+  print(f"   lowered in {t_lower:.0f}s; compiling for {n_dev} devices ...", file=sys.stderr, flush=True)
+  t1 = time.time()
+  compiled = lowered.compile()
+  t_compile = time.time() - t1
 
   ma = compiled.memory_analysis()
   hlo = compiled.as_text()
@@ -178,7 +165,7 @@ def main(argv=None, figures=None):
         f"{n_dev} devices, mesh {mesh_str(sizes)}; batch {args.batch} x seq {args.seq} "
         f"({tokens_per_dev} tokens/device{cp_text}); remat={args.remat}, dtype={args.dtype}, "
         f"params {args.param_dtype}; EP transport "
-        f"{__import__('longcat_jax.parallel.expert_parallel', fromlist=['x']).choose_transport(args.ep_transport, mesh)}"
+        f"{expert_parallel.choose_transport(args.ep_transport, mesh)}"
         f", chunk {args.ep_chunk_tokens or 'off'}")
   if small_rep:
     print(f"   replicated (< 16 MiB each, by design): {len(small_rep)} leaves, "

@@ -39,10 +39,11 @@ def main():
   from longcat_jax.model.layers import rope_cos_sin
   from longcat_jax.model.transformer import ScMoELayer
 
+  from longcat_jax.parallel import MeshPlacement
   cfg = longcat_jax.get_config(a.preset)
-  layer = ScMoELayer(cfg)
   pc = sharding.parallel_config(mesh=dict(dict(fsdp=1), **sizes))
   mesh = sharding.make_mesh(pc)
+  layer = ScMoELayer(cfg, placement=MeshPlacement.from_parallel(mesh, pc))
   h = jax.ShapeDtypeStruct((a.batch, a.seq, cfg.hidden_size), jnp.float32,
                            sharding=sharding.NamedSharding(mesh, sharding.logical_to_spec(
                                ("batch", "length", "embed"), (a.batch, a.seq, cfg.hidden_size), mesh)))
@@ -54,8 +55,7 @@ def main():
   def fwd(v, h):
     return layer.apply(v, h, cos, sin, None, mutable=["expert_load", "intermediates"])[0][0]
 
-  with sharding.mesh_context(mesh, parallel=pc):
-    hlo = jax.jit(fwd).lower(variables, h).compile().as_text()
+  hlo = jax.jit(fwd).lower(variables, h).compile().as_text()
 
   entry = hlo[hlo.index("\nENTRY"):]
   entry = entry[:entry.index("\n}\n")]

@@ -4,6 +4,14 @@ With no arguments: `experiments/configs/default.py` on the Python standard libra
 ./runs/default. Running the same command again resumes from the last checkpoint (or says the run
 is done). Metrics: DIR/metrics.jsonl and TensorBoard events in DIR/tensorboard; checkpoints in
 DIR/checkpoints (orbax). See longcat_jax/train/trainer.py.
+
+The same command runs on one CPU, on one accelerator host and on many hosts:
+  --config.mesh="fsdp=2,expert=4"      the device mesh (default fsdp=-1: FSDP over every device)
+  --cpu_devices=8                      simulate 8 CPU devices (before JAX starts)
+  --coordinator_address=H:P --num_processes=N --process_id=I   one process per host (or the env
+                                       variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+                                       JAX_PROCESS_ID; SLURM, Open MPI and TPU pods are detected)
+See docs/SCALING.md for launch scripts.
 """
 
 import os
@@ -23,6 +31,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Training config file (get_config() -> ConfigDict); FILE.py:variant passes `variant`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics, TensorBoard.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (else a log line every 10 steps).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Simulated CPU devices per process (testing layouts).")
 
 
 def main(argv):
@@ -31,6 +43,9 @@ def main(argv):
   from absl import logging  # orbax logs every save step at INFO
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  from longcat_jax.parallel import distributed
+  distributed.initialize_from(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                              process_id=_PROCESS_ID.value, num_cpu_devices=_CPU_DEVICES.value)
   from longcat_jax.train import trainer
   trainer.run(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
 

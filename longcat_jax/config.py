@@ -16,6 +16,8 @@ from typing import Any
 
 import ml_collections
 
+from longcat_jax import presets_v2
+
 ConfigDict = ml_collections.ConfigDict
 
 KERNEL_CHOICES = ("auto", "pallas", "interpret", "xla")
@@ -103,7 +105,9 @@ def flash() -> ConfigDict:
   return c
 
 
-PRESETS = {"tiny": tiny, "small": small, "flash": flash}
+PRESETS = {"tiny": tiny, "small": small, "flash": flash,
+           "flash_lite": lambda: presets_v2.flash_lite(base_config()),
+           "longcat2": lambda: presets_v2.longcat2(base_config())}
 
 
 def register_preset(name: str, fn) -> None:
@@ -295,6 +299,3 @@ def softmax_scale(c: ConfigDict) -> float:
     m = 0.1 * float(s["mscale_all_dim"]) * math.log(factor) + 1.0 if factor > 1 else 1.0
     scale *= m * m
   return scale
-
-
-from longcat_jax import presets_v2  # noqa: E402,F401  (registers flash_lite, longcat2)

@@ -17,7 +17,11 @@ import os
 import sys
 import types
 
+import jax.numpy as jnp
+
+from longcat_jax.data.tokenizer import load_tokenizer
 from longcat_jax.inference import generate  # noqa: F401  (longcat_jax.generate(model, variables, ...))
+from longcat_jax.interop import load_pretrained
 
 
 def _parse(argv):
@@ -38,7 +42,6 @@ def _parse(argv):
 
 
 def _tokenizer(args):
-  from longcat_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   path = args.tokenizer
   if path is None and os.path.isfile(os.path.join(args.checkpoint, "tokenizer.json")):
     path = os.path.join(args.checkpoint, "tokenizer.json")
@@ -67,8 +70,6 @@ class _TextStream:
 
 def main(argv=None) -> int:
   args = _parse(argv)
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from longcat_jax.interop import load_pretrained  # pylint: disable=import-outside-toplevel
 
   tok = _tokenizer(args)
   overrides = {"kernels": args.kernels} if args.kernels else None

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longcat_jax.config import ConfigDict
+from longcat_jax.model import LongcatForCausalLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,6 @@ class ParamCount:
 
 def param_shapes(config: ConfigDict):
   """Abstract `params` tree (ShapeDtypeStructs) of the model built from `config`."""
-  from longcat_jax.model import LongcatForCausalLM
   model = LongcatForCausalLM(config)
   v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
   return flax.linen.meta.unbox(v["params"])

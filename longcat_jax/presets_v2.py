@@ -8,16 +8,17 @@ a documented assumption.
 
     cfg = longcat_jax.get_config("flash_lite")
     longcat_jax.count_params(cfg).total        # 68.5e9
+
+Each function fills in a `config.base_config()` it is given; `longcat_jax.config` registers them.
 """
 
 from __future__ import annotations
 
-from longcat_jax.config import ConfigDict, base_config, register_preset
+from ml_collections import ConfigDict
 
 
-def flash_lite() -> ConfigDict:
+def flash_lite(c: ConfigDict) -> ConfigDict:
   """LongCat-Flash-Lite: 68.5B total of which 31.4B n-gram tables; 2.9B-4.5B activated."""
-  c = base_config()
   c.name = "flash_lite"
   c.update(vocab_size=131072, hidden_size=3072, num_layers=14, num_heads=32, q_lora_rank=1536,
            kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, ffn_size=6144,
@@ -29,9 +30,8 @@ def flash_lite() -> ConfigDict:
   return c
 
 
-def longcat2() -> ConfigDict:
+def longcat2(c: ConfigDict) -> ConfigDict:
   """LongCat-2.0 (1.6T total, ~48B activated), LongCat Sparse Attention, 135B n-gram tables, 3 MTP heads."""
-  c = base_config()
   c.name = "longcat2"
   c.update(vocab_size=163840, hidden_size=8192, num_layers=38, num_heads=64, q_lora_rank=1536,
            kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, ffn_size=12288,
@@ -43,7 +43,3 @@ def longcat2() -> ConfigDict:
   c.ngram_embedding = dict(vocab_size_ratio=100.567, neighbor_num=5, split_num=4)
   c.sparse_attention = dict(index_heads=32, index_dim=128, top_k=2048, init_tokens=16, local_tokens=1024)
   return c
-
-
-register_preset("flash_lite", flash_lite)
-register_preset("longcat2", longcat2)

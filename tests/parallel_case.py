@@ -86,10 +86,12 @@ def single_device_result():
 
 
 def sharded_result(mesh, parallel, global_batch=None):
-  """The step under `mesh_context` with explicit in/out shardings; results gathered to host."""
+  """The step with the model on a `MeshPlacement` and explicit in/out shardings; results gathered
+  to host."""
   import jax
-  from longcat_jax.parallel import distributed, sharding
+  from longcat_jax.parallel import MeshPlacement, distributed, sharding
   model, variables, batch = case()
+  model = model.clone(placement=MeshPlacement.from_parallel(mesh, parallel))
   vs = sharding.variable_shardings(model, mesh)
   bs = sharding.batch_sharding(mesh, shape=(BATCH, SEQ))
   batch_sh = {k: bs for k in batch}
@@ -98,11 +100,10 @@ def sharded_result(mesh, parallel, global_batch=None):
   params = jax.device_put(variables["params"], vs["params"])
   bias = jax.device_put(variables["expert_bias"], vs["expert_bias"])
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  with sharding.mesh_context(mesh, parallel=parallel):
-    step = jax.jit(make_step(model), in_shardings=(vs["params"], vs["expert_bias"], batch_sh),
-                   out_shardings=((replicated, replicated), vs["params"]))
-    (loss, aux), grads = step.lower(params, bias, global_batch).compile(COMPILER_OPTIONS)(
-        params, bias, global_batch)
+  step = jax.jit(make_step(model), in_shardings=(vs["params"], vs["expert_bias"], batch_sh),
+                 out_shardings=((replicated, replicated), vs["params"]))
+  (loss, aux), grads = step.lower(params, bias, global_batch).compile(COMPILER_OPTIONS)(
+      params, bias, global_batch)
   return distributed.to_host(dict(loss=loss, aux=aux, grads=grads))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import parallel_case
-from longcat_jax.parallel import context_parallel, sharding
+from longcat_jax.parallel import MeshPlacement, sharding
 
 
 def _check(result, reference):
@@ -26,17 +26,17 @@ def test_context_parallel_step_equals_single_device():
   cfg = model.config
   pc = sharding.parallel_config(mesh=dict(data=2, fsdp=1, context=4))
   mesh = sharding.make_mesh(pc)
+  model = model.clone(placement=MeshPlacement.from_parallel(mesh, pc))
+  assert model.placement.length_shards(parallel_case.SEQ, parallel_case.BATCH) == 4
   vs = sharding.variable_shardings(model, mesh)
   bs = sharding.batch_sharding(mesh, shape=(parallel_case.BATCH, parallel_case.SEQ))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  with sharding.mesh_context(mesh, parallel=pc):
-    assert context_parallel.is_active(parallel_case.SEQ, parallel_case.BATCH)
-    step = jax.jit(parallel_case.make_step(model), in_shardings=(vs["params"], vs["expert_bias"], {k: bs for k in batch}),
-                   out_shardings=((replicated, replicated), vs["params"]))
-    compiled = step.lower(variables["params"], variables["expert_bias"], batch).compile()
-    (loss, aux), grads = compiled(jax.device_put(variables["params"], vs["params"]),
-                                  jax.device_put(variables["expert_bias"], vs["expert_bias"]),
-                                  {k: jax.device_put(v, bs) for k, v in batch.items()})
+  step = jax.jit(parallel_case.make_step(model), in_shardings=(vs["params"], vs["expert_bias"], {k: bs for k in batch}),
+                 out_shardings=((replicated, replicated), vs["params"]))
+  compiled = step.lower(variables["params"], variables["expert_bias"], batch).compile()
+  (loss, aux), grads = compiled(jax.device_put(variables["params"], vs["params"]),
+                                jax.device_put(variables["expert_bias"], vs["expert_bias"]),
+                                {k: jax.device_put(v, bs) for k, v in batch.items()})
   result = jax.tree.map(np.asarray, dict(loss=loss, aux=aux, grads=grads))
   _check(result, parallel_case.single_device_result())
   gathers = [line.split("all-gather(")[0] for line in compiled.as_text().splitlines() if "all-gather(" in line]

@@ -298,18 +298,18 @@ def test_cli_streams_text_and_reports_throughput(tmp_path, capsys, mtp_model):
 
 def test_sharded_generation_equals_single_device(reference):
   """On a data x tensor mesh the cache is sharded along batch and the tokens do not change."""
-  from longcat_jax.parallel import sharding
+  from longcat_jax.parallel import MeshPlacement, sharding
   _, _, model, variables = reference
   want = inference.generate(model, variables, PROMPTS, 8, temperature=0.0, eos_token_id=())
   pc = sharding.parallel_config(mesh=dict(data=2, tensor=4))
   mesh = sharding.make_mesh(pc)
+  model = model.clone(placement=MeshPlacement.from_parallel(mesh, pc))
   shardings = sharding.variable_shardings(model, mesh)
   placed = {k: jax.device_put(variables[k], shardings[k]) for k in ("params", "expert_bias")}
   tokens = np.zeros((2, 16), np.int32)
-  with sharding.mesh_context(mesh, parallel=pc):
-    got = inference.generate(model, placed, PROMPTS, 8, temperature=0.0, eos_token_id=())
-    cache = engine_lib.engine_for(model).prefill(placed, tokens, jnp.array([3, 3]), Sampling(0.0),
-                                                 jax.random.key(0), cache_size=64)[0]
+  got = inference.generate(model, placed, PROMPTS, 8, temperature=0.0, eos_token_id=())
+  cache = engine_lib.engine_for(model).prefill(placed, tokens, jnp.array([3, 3]), Sampling(0.0),
+                                               jax.random.key(0), cache_size=64)[0]
   np.testing.assert_array_equal(got.tokens, want.tokens)
   for leaf in jax.tree.leaves(cache):  # [layers, batch, slots, features]
     assert leaf.sharding.spec[1] in ("data", ("data",)), leaf.sharding.spec

@@ -353,7 +353,7 @@ def test_sharded_step_interpret_matches_xla():
   device holds 2 of the 8 FFN experts, tokens dispatched by the expert-parallel shard_map), with
   kernels="interpret" and kernels="xla": same loss, logits, expert load and gradients."""
   import longcat_jax
-  from longcat_jax.parallel import sharding
+  from longcat_jax.parallel import MeshPlacement, sharding
 
   b, s = 8, 8  # one row per device: tokens are split over fsdp x expert
   pc = sharding.parallel_config(mesh=dict(fsdp=2, expert=4))
@@ -363,7 +363,8 @@ def test_sharded_step_interpret_matches_xla():
   seg = np.repeat(np.array([[1] * 5 + [2] * 3]), b, 0).astype(np.int32)  # two packed documents
   pos = np.repeat(np.array([[0, 1, 2, 3, 4, 0, 1, 2]]), b, 0).astype(np.int32)
   batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=seg, positions=pos)
-  models = {k: longcat_jax.LongcatForCausalLM(longcat_jax.get_config("tiny", kernels=k))
+  models = {k: longcat_jax.LongcatForCausalLM(longcat_jax.get_config("tiny", kernels=k),
+                                              placement=MeshPlacement.from_parallel(mesh, pc))
             for k in ("interpret", "xla")}
   variables = longcat_jax.init_variables(models["xla"], jax.random.key(0))  # same for both kernels
   variables["expert_bias"] = jax.tree.map(  # large enough to change some selections
@@ -390,13 +391,12 @@ def test_sharded_step_interpret_matches_xla():
     args = (jax.device_put(variables["params"], vs["params"]),
             jax.device_put(variables["expert_bias"], vs["expert_bias"]),
             {k: jax.device_put(v, bs) for k, v in batch.items()})
-    with sharding.mesh_context(mesh, parallel=pc):
-      step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
-                     in_shardings=(vs["params"], vs["expert_bias"], {k: bs for k in batch}),
-                     out_shardings=((rep, (bs, rep)), vs["params"]))
-      traced = step.trace(*args)
-      (loss, (logits, load)), grads = traced.lower().compile(
-          {"xla_backend_optimization_level": 0})(*args)
+    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                   in_shardings=(vs["params"], vs["expert_bias"], {k: bs for k in batch}),
+                   out_shardings=((rep, (bs, rep)), vs["params"]))
+    traced = step.trace(*args)
+    (loss, (logits, load)), grads = traced.lower().compile(
+        {"xla_backend_optimization_level": 0})(*args)
     eqns = list(equations(traced.jaxpr.jaxpr))
     shard_maps = [e for e in eqns if e.primitive.name == "shard_map"]
     kernels_used = {e.params["name"] for e in eqns if e.primitive.name == "pallas_call"}

@@ -47,26 +47,27 @@ def test_context_parallel_plan_compiles_and_shards_weights_over_context(capsys):
 
 
 def test_sharded_ngram_lookup_equals_take_and_keeps_tokens_split():
-  """model/ngram.py's lookup under a mesh (table split by rows and columns over all devices)
+  """The n-gram lookup of a mesh placement (table split by rows and columns over all devices)
   gives `take` and its gradient, and the compiled program never all-gathers the [B, S, d] rows."""
   from jax.sharding import NamedSharding
-  from longcat_jax.model import ngram
+  from longcat_jax.parallel import MeshPlacement
   rng = np.random.RandomState(0)
   rows, d, b, s = 64, 8, 8, 16
   table = jnp.asarray(rng.randn(rows, d), jnp.float32)
   ids = jnp.asarray(rng.randint(0, rows, (b, s)), jnp.int32)
   cot = jnp.asarray(rng.randn(b, s, d), jnp.float32)
-  f = lambda t, i: jnp.sum(ngram.sharded_lookup(t, i, jnp.float32) * cot)
-  want_v, want_g = jax.value_and_grad(f)(table, ids)
+  names = ("ngram_vocab", "ngram_dim")
+  want_v, want_g = jax.value_and_grad(lambda t, i: jnp.sum(jnp.take(t, i, axis=0) * cot))(table, ids)
   pc = sharding.parallel_config(mesh=dict(fsdp=2, expert=4))
   mesh = sharding.make_mesh(pc)
+  placement = MeshPlacement(mesh)
+  f = lambda t, i: jnp.sum(placement.lookup(t, i, jnp.float32, names) * cot)
   t_sh = NamedSharding(mesh, sharding.logical_to_spec(("ngram_vocab", "ngram_dim"), table.shape, mesh))
   assert t_sh.spec == jax.sharding.PartitionSpec("fsdp", "expert")  # rows x columns
   b_sh = sharding.batch_sharding(mesh, shape=(b, s))
-  with sharding.mesh_context(mesh, parallel=pc):
-    step = jax.jit(jax.value_and_grad(f), in_shardings=(t_sh, b_sh))
-    compiled = step.lower(table, ids).compile()
-    got_v, got_g = compiled(jax.device_put(table, t_sh), jax.device_put(ids, b_sh))
+  step = jax.jit(jax.value_and_grad(f), in_shardings=(t_sh, b_sh))
+  compiled = step.lower(table, ids).compile()
+  got_v, got_g = compiled(jax.device_put(table, t_sh), jax.device_put(ids, b_sh))
   np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-6, atol=1e-6)
   # Collectives move [B, S, d / 4] partial rows: never the table's rows (what GSPMD does with a
@@ -82,6 +83,7 @@ def test_context_parallel_query_blocks_equal_whole_selection():
   chunk per step, padded chunks) select what one pass without a mesh selects."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from longcat_jax.model import sparse_attention as lsa
+  from longcat_jax.parallel import MeshPlacement
   rng = np.random.RandomState(4)
   b, s, hi, di = 2, 40, 3, 8
   q, keys = jnp.asarray(rng.randn(b, s, hi, di), jnp.float32), jnp.asarray(rng.randn(b, s, di), jnp.float32)
@@ -94,11 +96,11 @@ def test_context_parallel_query_blocks_equal_whole_selection():
   mesh = sharding.make_mesh(pc)
   tok = NamedSharding(mesh, P("data", "context"))
   rep = NamedSharding(mesh, P("data"))
-  with sharding.mesh_context(mesh, parallel=pc):
-    for block_q in (3, 4):  # 10-token chunks, padded to 12: 4 blocks of 3, 3 blocks of 4
-      fn = jax.jit(lambda q, w, keys, pos, kpos, seg, kseg: lsa.select_keys(
-          q, w, keys, pos, kpos, seg, kseg, block_q=block_q, **kw))
-      got = fn(jax.device_put(q, tok), jax.device_put(w, tok), jax.device_put(keys, rep),
-               jax.device_put(pos, tok), jax.device_put(pos, rep), jax.device_put(seg, tok),
-               jax.device_put(seg, rep))
-      np.testing.assert_array_equal(np.asarray(got), np.asarray(whole))
+  placement = MeshPlacement(mesh)
+  for block_q in (3, 4):  # 10-token chunks, padded to 12: 4 blocks of 3, 3 blocks of 4
+    fn = jax.jit(lambda q, w, keys, pos, kpos, seg, kseg: lsa.select_keys(
+        q, w, keys, pos, kpos, seg, kseg, block_q=block_q, placement=placement, **kw))
+    got = fn(jax.device_put(q, tok), jax.device_put(w, tok), jax.device_put(keys, rep),
+             jax.device_put(pos, tok), jax.device_put(pos, rep), jax.device_put(seg, tok),
+             jax.device_put(seg, rep))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(whole))

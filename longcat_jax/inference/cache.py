@@ -9,12 +9,13 @@ a fixed `cache_size` so the decode step compiles once.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from longcat_jax.config import ConfigDict, dtype_of
+from longcat_jax.model.placement import LOCAL, Placement
+
 
 def cache_axes(ndim: int) -> tuple:
   """Logical axes of a cache leaf: [layers, batch, cache_size, features] for the scanned decoder,
@@ -32,13 +33,14 @@ def cache_bytes_per_token(config: ConfigDict) -> int:
   return cache_values_per_token(config) * np.dtype(dtype_of(config.dtype)).itemsize
 
 
-def pad_cache(cache, cache_size: int):
-  """A prefill cache (leaves [..., batch, prompt_len, features]) padded to `cache_size` slots."""
+def pad_cache(cache, cache_size: int, placement: Placement = LOCAL):
+  """A prefill cache (leaves [..., batch, prompt_len, features]) padded to `cache_size` slots
+  (sharded along batch by `placement`, the model's)."""
 
   def pad(x):
     if x.shape[-2] > cache_size:
       raise ValueError(f"prompt length {x.shape[-2]} exceeds cache_size={cache_size}")
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, cache_size - x.shape[-2]), (0, 0)])
-    return nn.with_logical_constraint(x, cache_axes(x.ndim))
+    return placement.constrain(x, cache_axes(x.ndim))
 
   return jax.tree.map(pad, cache)

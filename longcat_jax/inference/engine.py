@@ -20,50 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longcat_jax.inference import speculative
 from longcat_jax.inference.cache import pad_cache
+from longcat_jax.inference.common import _ngram_context, decode_model, model_variables, ngram_context_size
 from longcat_jax.inference.sampling import make_sampling, sample
 from longcat_jax.model.attention import CACHE
-from longcat_jax.model.moe import EXPERT_BIAS
 
 MIN_PREFILL_BUCKET = 16
 CACHE_MULTIPLE = 64
-
-
-def ngram_context_size(config) -> int:
-  """Tokens of n-gram context the embedding needs before each new token (0 without n-grams)."""
-  return config.ngram_embedding["neighbor_num"] - 1 if config.ngram_embedding is not None else 0
-
-
-def model_variables(variables) -> dict:
-  """The collections the forward reads: params and expert_bias (drops caches, outputs)."""
-  return {k: variables[k] for k in ("params", EXPERT_BIAS) if k in variables}
-
-
-def _ngram_context(tokens, lengths, size: int):
-  """tokens [B, S], lengths [B] -> the `size` tokens before position lengths[b] ([B, size], 0 = before start)."""
-  idx = lengths[:, None] - size + jnp.arange(size)
-  ctx = jnp.take_along_axis(tokens, jnp.maximum(idx, 0), axis=1)
-  return jnp.where(idx >= 0, ctx, 0).astype(jnp.int32)
-
-
-def decode_model(model, routed_rows: int):
-  """`model` with the grouped matmul's row block sized for `routed_rows` (token, slot) rows.
-
-  The XLA grouped matmul pads each of the N = num_ffn_experts groups to a multiple of
-  `moe_block_size` rows and runs about N + rows / block blocks: with the training block (64) a
-  decode step's few rows would multiply every expert on padding. Here the block is the largest
-  power of two <= rows / (8 N) (at least 1), so padding stays under ~1/8 of the rows. Dropless
-  either way; only the padding changes. (CPU, `small` preset, 32 experts: block 1 beats 64 by
-  1.9x at B=1 and 1.1x at B=32.)
-  """
-  c = model.config
-  block = max(1, routed_rows // (8 * max(c.num_ffn_experts, 1)))
-  block = min(1 << (block.bit_length() - 1), c.moe_block_size)
-  if block == c.moe_block_size:
-    return model
-  small = c.copy_and_resolve_references()
-  small.moe_block_size = block
-  return model.clone(config=small)
 
 
 class Engine:
@@ -89,7 +53,7 @@ class Engine:
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = model.apply(variables, last, method="logits").astype(jnp.float32)
     context = _ngram_context(tokens, lengths, self.context_size)
-    return pad_cache(state[CACHE], cache_size), sample(logits, rng, sampling), logits, context
+    return pad_cache(state[CACHE], cache_size, model.placement), sample(logits, rng, sampling), logits, context
 
   def _decode(self, variables, cache, tokens, lengths, context, sampling, rng):
     b, t = tokens.shape
@@ -105,9 +69,9 @@ _ENGINES: dict = {}
 
 
 def engine_for(model) -> Engine:
-  """A cached Engine per (model class, config): repeated calls, and models loaded twice from the
-  same checkpoint, reuse the compiled steps."""
-  key = (type(model), model.config.to_json(sort_keys=True))
+  """A cached Engine per (model class, config, placement): repeated calls, and models loaded twice
+  from the same checkpoint, reuse the compiled steps; the same model on another mesh does not."""
+  key = (type(model), model.config.to_json(sort_keys=True), model.placement)
   if key not in _ENGINES:
     if len(_ENGINES) >= 16:
       _ENGINES.pop(next(iter(_ENGINES)))
@@ -268,7 +232,6 @@ def generate(model, variables, input_ids, max_new_tokens: int, *, temperature: f
   collector = _Collector(b, max_new_tokens, _eos_set(eos_token_id, config), stream)
   key = jax.random.key(seed)
   if num_draft_tokens:
-    from longcat_jax.inference import speculative  # pylint: disable=import-outside-toplevel
     return speculative.generate_speculative(model, variables, tokens, lens, collector, sampling, key,
                                             size, num_draft_tokens, config.pad_token_id)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from longcat_jax.config import dtype_of
 from longcat_jax.inference.cache import pad_cache
-from longcat_jax.inference.engine import _ngram_context, decode_model, model_variables, ngram_context_size
+from longcat_jax.inference.common import _ngram_context, decode_model, model_variables, ngram_context_size
 from longcat_jax.inference.sampling import Sampling, sample, token_probs
 from longcat_jax.model.attention import CACHE
 from longcat_jax.model.layers import rms_norm, rope_cos_sin
@@ -132,7 +132,7 @@ class SpeculativeEngine:
       layer_vars = {"params": mtp[f"layer_{j}"]}
       if caches is not None:
         layer_vars[CACHE] = caches[j]
-      x, state = MTPLayer(c, cache_mode=cache_mode).apply(layer_vars, h, emb, cos, sin, None, lengths,
+      x, state = MTPLayer(c, cache_mode=cache_mode, placement=self.model.placement).apply(layer_vars, h, emb, cos, sin, None, lengths,
                                                           mutable=[CACHE])
       h = rms_norm(x, mtp["final_norm"]["scale"], c.rms_norm_eps)  # the heads' shared final norm
       logits = model.apply(variables, _at(h, n_valid - 1), method="logits").astype(jnp.float32)
@@ -157,7 +157,8 @@ class SpeculativeEngine:
     positions = jnp.broadcast_to(pos, (b, s)).astype(jnp.int32)
     mtp_caches, drafts, probs = self._draft(variables, hidden, known, lengths, positions, None, "prefill", None,
                                             sampling, rng_draft)
-    spec = SpecState(pad_cache(state[CACHE], cache_size), pad_cache(mtp_caches, cache_size), lengths, first,
+    spec = SpecState(pad_cache(state[CACHE], cache_size, model.placement),
+                     pad_cache(mtp_caches, cache_size, model.placement), lengths, first,
                      drafts, probs, _ngram_context(tokens, lengths, self.context_size))
     return spec, first
 
@@ -194,7 +195,7 @@ _ENGINES: dict = {}
 
 
 def engine_for(model, num_draft_tokens: int) -> SpeculativeEngine:
-  key = (type(model), model.config.to_json(sort_keys=True), num_draft_tokens)
+  key = (type(model), model.config.to_json(sort_keys=True), model.placement, num_draft_tokens)
   if key not in _ENGINES:
     if len(_ENGINES) >= 8:
       _ENGINES.pop(next(iter(_ENGINES)))

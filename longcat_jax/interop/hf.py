@@ -25,7 +25,8 @@ from safetensors.numpy import save_file
 
 from longcat_jax import config as config_lib
 from longcat_jax.config import ConfigDict, qk_head_dim
-from longcat_jax.model import EXPERT_BIAS, LongcatForCausalLM
+from longcat_jax.model import EXPERT_BIAS, LongcatForCausalLM, ngram
+from longcat_jax.model.sparse_attention import sparse_settings
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -147,8 +148,6 @@ def _ngram_leaves(c: ConfigDict) -> list[Leaf]:
 
   Tables are stored with exactly M_i = m + 2i + 1 rows and padded here to the sharding multiple.
   """
-  from longcat_jax.model import ngram
-
   def pad_to(rows, stored):
     def to_jax(w):
       if w.ndim != 2 or w.shape[0] != stored:
@@ -171,7 +170,6 @@ def _indexer_leaves(c: ConfigDict) -> list[Leaf]:
   """The sparse-attention indexer of each layer, in the first attention block (LongCat-2.0 as
   SGLang loads it: `model.layers.{l}.self_attn.0.indexer.{wq_b,wk,k_norm,weights_proj}.weight`,
   DeepSeek-V3.2's indexer names; docs/LONGCAT2.md)."""
-  from longcat_jax.model.sparse_attention import sparse_settings
   s = sparse_settings(c)
   hi, di = s["index_heads"], s["index_dim"]
   pre, ind = "model.layers.{l}.self_attn.0.indexer.", ("decoder", "layers", "indexer")

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from longcat_jax.config import ConfigDict, dtype_of, qk_head_dim, softmax_scale
-from longcat_jax.model.layers import apply_rope, constrain, param, rms_norm, token_matmul
-from longcat_jax.parallel import context_parallel
+from longcat_jax.model import sparse_attention
+from longcat_jax.model.experts import kernel_impl
+from longcat_jax.model.layers import apply_rope, param, rms_norm, token_matmul
+from longcat_jax.model.placement import LOCAL, Placement
 
 
 CACHE = "cache"  # Flax collection of the compressed KV cache (latent + rope key per token).
@@ -23,11 +25,6 @@ def _append(cache, new, lengths):
   return jax.vmap(put)(cache, new.astype(cache.dtype), lengths)
 
 
-def kernel_impl(config: ConfigDict):
-  """`config.kernels` -> the `implementation=` argument of the pallas_kernels entry points."""
-  return None if config.kernels == "auto" else config.kernels
-
-
 class MLA(nn.Module):
   """q = q_b(norm(q_a(x))) * sqrt(hidden/q_lora); latent c = norm(kv_a(x)) * sqrt(hidden/kv_lora).
 
@@ -37,6 +34,7 @@ class MLA(nn.Module):
   """
 
   config: ConfigDict
+  placement: Placement = LOCAL
 
   def setup(self):
     c = self.config
@@ -62,20 +60,23 @@ class MLA(nn.Module):
   def q_latent(self, x):
     """x [B, S, hidden] -> normed query latent [B, S, q_lora_rank] (also the sparse indexer's input)."""
     dt = dtype_of(self.config.dtype)
-    return rms_norm(token_matmul(x, self.q_a.astype(dt)), self.q_a_norm, self.config.latent_norm_eps)
+    return rms_norm(self._matmul(x, self.q_a.astype(dt)), self.q_a_norm, self.config.latent_norm_eps)
+
+  def _matmul(self, x, w, contract: int = 1):
+    return token_matmul(x, w, contract, placement=self.placement)
 
   def queries(self, x, cos, sin):
     """x [B, S, hidden] -> q_nope [B, S, H, nope], q_rope [B, S, H, rope] (scaled, rotated)."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    q = token_matmul(self.q_latent(x), self.q_b.astype(dt)) * jnp.asarray(self.q_scale, dt)
-    q = constrain(q, ("batch", "length", "act_heads", None))
+    q = self._matmul(self.q_latent(x), self.q_b.astype(dt)) * jnp.asarray(self.q_scale, dt)
+    q = self.placement.constrain(q, ("batch", "length", "act_heads", None))
     q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
     return q_nope, apply_rope(q_rope, cos, sin)
 
   def latents(self, x, cos, sin):
     """x [B, S, hidden] -> latent c [B, S, R] (normed, scaled), k_rope [B, S, rope] (rotated)."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    ckv = token_matmul(x, self.kv_a.astype(dt))
+    ckv = self._matmul(x, self.kv_a.astype(dt))
     lat, k_rope = ckv[..., :c.kv_lora_rank], ckv[..., c.kv_lora_rank:]
     lat = rms_norm(lat, self.kv_a_norm, c.latent_norm_eps) * jnp.asarray(self.kv_scale, dt)
     return lat, apply_rope(k_rope, cos, sin)
@@ -83,14 +84,14 @@ class MLA(nn.Module):
   def expand(self, lat, k_rope, q_heads: int | None = None):
     """latent [B, S, R], k_rope [B, S, rope] -> k [B, S, H, nope+rope], v [B, S, H, v]."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    kv = token_matmul(lat, self.kv_b.astype(dt))
+    kv = self._matmul(lat, self.kv_b.astype(dt))
     k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + (c.qk_rope_head_dim,))
     return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
   def out_proj(self, attn):
     """attn [B, S, H, v] -> [B, S, hidden]."""
-    return token_matmul(attn, self.o.astype(dtype_of(self.config.dtype)), contract=2)
+    return self._matmul(attn, self.o.astype(dtype_of(self.config.dtype)), contract=2)
 
   def __call__(self, x, cos, sin, segment_ids=None, indices=None, *, cache_mode=None, cache_lengths=None):
     """x [B, S, hidden] -> [B, S, hidden]; causal within each segment. `indices` [B, S, K]: the
@@ -132,8 +133,8 @@ class MLA(nn.Module):
     lat, k_rope = self.latents(x, cos, sin)
     cache_lat = _append(self.get_variable(CACHE, "latent"), lat, lengths)
     cache_rope = _append(self.get_variable(CACHE, "k_rope"), k_rope, lengths)
-    cache_lat = constrain(cache_lat, ("batch", None, None))
-    cache_rope = constrain(cache_rope, ("batch", None, None))
+    cache_lat = self.placement.constrain(cache_lat, ("batch", None, None))
+    cache_rope = self.placement.constrain(cache_rope, ("batch", None, None))
     self.put_variable(CACHE, "latent", cache_lat)
     self.put_variable(CACHE, "k_rope", cache_rope)
     if indices is not None:  # sparse: indices [B, T, K] select cache positions
@@ -149,19 +150,19 @@ class MLA(nn.Module):
                                             block_k=c.attention_block_k)
         for t in range(x.shape[1])], axis=1)
     attn = jnp.einsum("bthr,rhd->bthd", out_lat, w_uv)
-    return self.out_proj(constrain(attn, ("batch", "length", "act_heads", None)))
+    return self.out_proj(self.placement.constrain(attn, ("batch", "length", "act_heads", None)))
 
   def _attend_expanded(self, x, cos, sin, lat, k_rope, segment_ids):
     c = self.config
     q_nope, q_rope = self.queries(x, cos, sin)
-    if context_parallel.is_active(x.shape[1], x.shape[0]):
+    if self.placement.length_shards(x.shape[1], x.shape[0]) > 1:
       return self._attend_context_parallel(q_nope, q_rope, lat, k_rope, segment_ids)
     k, v = self.expand(lat, k_rope)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     out = pallas_kernels.mla_attention(q, k, v, segment_ids=segment_ids, causal=True,
                                        sm_scale=softmax_scale(c), implementation=kernel_impl(c),
                                        block_q=c.attention_block_q, block_k=c.attention_block_k)
-    out = constrain(out, ("batch", "length", "act_heads", None))
+    out = self.placement.constrain(out, ("batch", "length", "act_heads", None))
     return self.out_proj(out)
 
   def _attend_context_parallel(self, q_nope, q_rope, lat, k_rope, segment_ids):
@@ -170,9 +171,9 @@ class MLA(nn.Module):
     `_attend_sparse`: W_uk folded into the queries, one [latent | rope] row per key shared by
     every head, W_uv after. The whole sequence's per-head keys and values never exist (at 1M
     tokens and 64 heads they would be 40 GiB per device, and their float32 gradients 80 GiB)."""
-    c = self.config
-    lat, k_rope = context_parallel.gather_sequence(lat), context_parallel.gather_sequence(k_rope)
-    return self._attend_absorbed(q_nope, q_rope, lat, k_rope, lambda q, k, v: context_parallel.attention(
+    c, p = self.config, self.placement
+    lat, k_rope = p.gather_sequence(lat), p.gather_sequence(k_rope)
+    return self._attend_absorbed(q_nope, q_rope, lat, k_rope, lambda q, k, v: p.context_attention(
         q, k, v, segment_ids, sm_scale=softmax_scale(c), block_k=c.attention_block_k))
 
   def _attend_absorbed(self, q_nope, q_rope, lat, k_rope, attend):
@@ -184,7 +185,7 @@ class MLA(nn.Module):
     q = jnp.concatenate([jnp.einsum("bshd,rhd->bshr", q_nope, w_uk), q_rope], axis=-1)
     k = jnp.concatenate([lat, k_rope.astype(lat.dtype)], axis=-1)
     attn = jnp.einsum("bshr,rhd->bshd", attend(q, k, lat), w_uv)
-    return self.out_proj(constrain(attn, ("batch", "length", "act_heads", None)))
+    return self.out_proj(self.placement.constrain(attn, ("batch", "length", "act_heads", None)))
 
   def _attend_sparse(self, x, cos, sin, lat, k_rope, indices):
     """Absorbed MLA over the indexer-selected keys: scores q_nope . W_uk c_j + q_rope . r_j, output
@@ -193,6 +194,5 @@ class MLA(nn.Module):
     lat [B, T, R], k_rope [B, T, rope] (T = S, or the cache), indices [B, S, K] into T.
     """
     q_nope, q_rope = self.queries(x, cos, sin)
-    from longcat_jax.model import sparse_attention  # late import (import cycle via longcat_jax.model)
-    return self._attend_absorbed(q_nope, q_rope, lat, k_rope,
-                                 lambda q, k, v: sparse_attention.attend(q, k, v, indices, config=self.config))
+    return self._attend_absorbed(q_nope, q_rope, lat, k_rope, lambda q, k, v: sparse_attention.attend(
+        q, k, v, indices, config=self.config, placement=self.placement))

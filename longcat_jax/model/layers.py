@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from longcat_jax.config import ConfigDict, dtype_of
+from longcat_jax.model import rope_scaling
+from longcat_jax.model.placement import LOCAL, Placement
 
 
 def param(module: nn.Module, name: str, shape, axes: tuple[str, ...], init=None, dtype=None):
@@ -21,11 +23,6 @@ def param(module: nn.Module, name: str, shape, axes: tuple[str, ...], init=None,
     raise ValueError(f"{module.name}/{name}: {len(axes)} axis names {axes} for shape {shape}")
   dtype = dtype or dtype_of(c.param_dtype)
   return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
-
-
-def constrain(x, axes: tuple[str, ...]):
-  """Activation sharding by logical names; a no-op outside a mesh + rules context."""
-  return nn.with_logical_constraint(x, axes)
 
 
 def rms_norm(x, scale, eps: float):
@@ -51,7 +48,6 @@ def rope_inv_freq(config: ConfigDict) -> tuple[np.ndarray, float]:
   d = config.qk_rope_head_dim
   inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
   if config.rope_scaling is not None:
-    from longcat_jax.model import rope_scaling  # YaRN lives beside the LongCat-2.0 features.
     return rope_scaling.scaled_inv_freq(config, inv_freq)
   return inv_freq.astype(np.float32), 1.0
 
@@ -77,19 +73,18 @@ def apply_rope(x, cos, sin):
   return out.astype(x.dtype)
 
 
-def token_matmul(x, w, contract: int = 1):
+def token_matmul(x, w, contract: int = 1, placement: Placement = LOCAL):
   """x [B, S, *in] . w [*in, *out] -> [B, S, *out] (`contract` = len(in)).
 
-  Outside a mesh (no logical-axis rules active) this is one 2-D matmul over the B*S tokens: on
-  XLA:CPU the weight gradient of a [B, S, d_in] dot otherwise gets its activation cotangent
-  transposed by a copy fused with the preceding elementwise backward (slow), while a
-  [tokens, d_in] dot takes it as it is. Under a mesh it is the plain einsum, so that a sequence
-  split over devices (context parallelism) is never merged with the batch axis (which would
-  need an all-gather).
+  On one device this is one 2-D matmul over the B*S tokens: on XLA:CPU the weight gradient of a
+  [B, S, d_in] dot otherwise gets its activation cotangent transposed by a copy fused with the
+  preceding elementwise backward (slow), while a [tokens, d_in] dot takes it as it is. Under a
+  mesh placement it is the plain einsum, so that a sequence split over devices (context
+  parallelism) is never merged with the batch axis (which would need an all-gather).
   """
   if x.ndim != 2 + contract or w.shape[:contract] != x.shape[2:]:
     raise ValueError(f"token_matmul: x {x.shape} and w {w.shape} do not share {contract} contracted dims")
-  if nn.get_logical_axis_rules():
+  if placement.distributed:
     return jnp.tensordot(x, w, axes=contract)
   b, s = x.shape[:2]
   d_in = math.prod(x.shape[2:])
@@ -101,15 +96,16 @@ class DenseMLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
   config: ConfigDict
+  placement: Placement = LOCAL
 
   @nn.compact
   def __call__(self, x):
-    c = self.config
+    c, p = self.config, self.placement
     dt = dtype_of(c.dtype)
     gate = param(self, "gate", (c.hidden_size, c.ffn_size), ("embed", "mlp"))
     up = param(self, "up", (c.hidden_size, c.ffn_size), ("embed", "mlp"))
     down = param(self, "down", (c.ffn_size, c.hidden_size), ("mlp", "embed"))
-    h = nn.silu(token_matmul(x, gate.astype(dt))) * token_matmul(x, up.astype(dt))
-    h = constrain(h, ("batch", "length", "act_mlp"))
-    return token_matmul(h, down.astype(dt))
+    h = nn.silu(token_matmul(x, gate.astype(dt), placement=p)) * token_matmul(x, up.astype(dt), placement=p)
+    h = p.constrain(h, ("batch", "length", "act_mlp"))
+    return token_matmul(h, down.astype(dt), placement=p)
 

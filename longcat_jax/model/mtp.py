@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from longcat_jax.config import ConfigDict, dtype_of
 from longcat_jax.model.attention import MLA
-from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param
+from longcat_jax.model.layers import DenseMLP, RMSNorm, param
+from longcat_jax.model.placement import LOCAL, Placement
 
 _TOKENS = ("batch", "length", "embed")  # activations stay split over the token axes
 
@@ -29,11 +30,13 @@ class MTPLayer(nn.Module):
 
   config: ConfigDict
   cache_mode: str | None = None  # None (training), "prefill" or "decode": speculative decoding's KV cache.
+  placement: Placement = LOCAL
 
   @nn.compact
   def __call__(self, h_prev, emb, cos, sin, segment_ids, cache_lengths=None):
     """h_prev, emb [B, S, H] -> [B, S, H] (before the shared final norm)."""
-    c = self.config
+    c, p = self.config, self.placement
+    constrain = p.constrain
     norm = lambda name: RMSNorm(c, c.rms_norm_eps, name=name)
     eh_proj = param(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), (None, "embed"))
     # Without these constraints GSPMD follows eh_proj's FSDP split of `embed` and replicates the
@@ -41,16 +44,17 @@ class MTPLayer(nn.Module):
     emb, h_prev = constrain(emb, _TOKENS), constrain(h_prev, _TOKENS)
     x = jnp.concatenate([norm("enorm")(emb), norm("hnorm")(h_prev)], axis=-1)
     x = constrain(x @ eh_proj.astype(dtype_of(c.dtype)), _TOKENS)
-    x = x + MLA(c, name="attn")(norm("input_norm")(x), cos, sin, segment_ids,
+    x = x + MLA(c, p, name="attn")(norm("input_norm")(x), cos, sin, segment_ids,
                                 cache_mode=self.cache_mode, cache_lengths=cache_lengths)
     x = constrain(x, _TOKENS)
-    return constrain(x + DenseMLP(c, name="mlp")(norm("post_attn_norm")(x)), _TOKENS)
+    return constrain(x + DenseMLP(c, p, name="mlp")(norm("post_attn_norm")(x)), _TOKENS)
 
 
 class MTPHead(nn.Module):
   """`mtp_num_heads` chained `MTPLayer`s (`layer_0` ..) and one shared `final_norm`."""
 
   config: ConfigDict
+  placement: Placement = LOCAL
 
   @nn.compact
   def __call__(self, hidden, embeds, cos, sin, segment_ids=None):
@@ -60,6 +64,6 @@ class MTPHead(nn.Module):
     final_norm = RMSNorm(c, c.rms_norm_eps, name="final_norm")
     outs, h = [], hidden
     for k in range(c.mtp_num_heads):
-      h = final_norm(MTPLayer(c, name=f"layer_{k}")(h, embeds[k], cos, sin, segment_ids))
+      h = final_norm(MTPLayer(c, placement=self.placement, name=f"layer_{k}")(h, embeds[k], cos, sin, segment_ids))
       outs.append(h)
     return jnp.stack(outs)

@@ -20,12 +20,12 @@ they shard evenly over the mesh on the `ngram_vocab` logical axis.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from longcat_jax.config import ConfigDict, dtype_of
 from longcat_jax.model.layers import param
+from longcat_jax.model.placement import LOCAL, Placement
 
 _INT32_MAX = 2**31 - 1
 
@@ -159,36 +159,6 @@ def update_ngram_context(context, new_tokens):
 # The module.
 
 
-def sharded_lookup(table, ids, dtype):
-  """table [rows, d], ids [B, S] -> table[ids] [B, S, d] in `dtype`, split over the token axes.
-
-  Under a mesh the table is split by rows (`ngram_vocab`) and columns (`ngram_dim`) over every
-  device, so a token's row may live anywhere. Every device looks up all the batch's ids (int32,
-  replicated) in its block, giving [B, S, d / columns] partial rows summed over the row shards;
-  then the tokens are split again: an all-to-all over the column axes, never the whole [B, S, d]
-  on one device (which is what GSPMD makes of a plain `take`, forward and scatter-add backward).
-  """
-  from longcat_jax.parallel import sharding  # late import: parallel imports the model package
-  ctx = sharding.current()
-  if ctx is None:
-    return jnp.take(table, ids, axis=0).astype(dtype)
-  spec = lambda names, shape: sharding.logical_to_spec(names, shape, ctx.mesh, ctx.rules)
-  flat = lambda a: () if a is None else ((a,) if isinstance(a, str) else tuple(a))
-  shape = ids.shape + table.shape[1:]
-  cols = flat(spec(("ngram_vocab", "ngram_dim"), table.shape)[1])
-  tokens = spec(("batch", "length", None), shape)
-  split = lambda axes: tuple(a for a in flat(axes) if a not in cols) or None
-  layouts = [jax.sharding.PartitionSpec(None, None, cols or None),                  # the lookup
-             jax.sharding.PartitionSpec(split(tokens[0]), split(tokens[1]), cols or None),
-             tokens]                                                                 # all-to-all
-  constraint = lambda x, p: jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(ctx.mesh, p))
-  ids = constraint(ids, jax.sharding.PartitionSpec(None, None))
-  e = jnp.take(table, ids, axis=0).astype(dtype)
-  for p in layouts:
-    e = constraint(e, p)
-  return e
-
-
 class NgramEmbedding(nn.Module):
   """Adds the T hashed n-gram embeddings to the word embedding and averages (spec section 4).
 
@@ -197,6 +167,7 @@ class NgramEmbedding(nn.Module):
   """
 
   config: ConfigDict
+  placement: Placement = LOCAL
 
   @nn.compact
   def __call__(self, input_ids, word_embeddings, *, context=None, segment_ids=None):
@@ -210,6 +181,6 @@ class NgramEmbedding(nn.Module):
     for i, rows in enumerate(ngram_table_rows(c)):
       table = param(self, f"table_{i}", (rows, d), ("ngram_vocab", "ngram_dim"))
       proj = param(self, f"post_proj_{i}", (d, c.hidden_size), ("ngram_dim", "embed"))
-      e = sharded_lookup(table, ids[i], dt)
+      e = self.placement.lookup(table, ids[i], dt, ("ngram_vocab", "ngram_dim"))
       out = out + jnp.dot(e, proj.astype(dt), preferred_element_type=jnp.float32)
     return (out / (1 + len(ngram_moduli(c)))).astype(dt)

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from longcat_jax.config import ConfigDict, dtype_of, softmax_scale
+from longcat_jax.model.experts import kernel_impl
 from longcat_jax.model.layers import param, rms_norm
+from longcat_jax.model.placement import LOCAL, Placement
 
 INDEX_CACHE = "cache"  # decoding: the indexer keys of the cached tokens, `cache/index_k` [B, L, Di]
 SCORE_BLOCK_ELEMENTS = 2**26  # above this many [S, Hi, T] logits the scores are summed head by head
@@ -94,7 +96,7 @@ def index_scores(q, w, keys):
 
 
 def select_keys(q, w, keys, q_pos, k_pos, q_seg=None, k_seg=None, *, top_k: int, init_tokens: int = 0,
-                local_tokens: int = 0, block_q: int = 256):
+                local_tokens: int = 0, block_q: int = 256, placement: Placement = LOCAL):
   """Top-k keys per query: q [B, S, Hi, Di], w [B, S, Hi], keys [B, T, Di] -> [B, S, K] int32.
 
   Queries are taken `block_q` at a time (`lax.map`), so memory is O(block_q * T), not O(S * T):
@@ -103,10 +105,9 @@ def select_keys(q, w, keys, q_pos, k_pos, q_seg=None, k_seg=None, *, top_k: int,
   queries of each chunk ([B, P * block_q]), so the loop runs over an axis that is not split and
   each device indexes its own queries (a loop over the split axis would gather them all).
   """
-  from longcat_jax.parallel import context_parallel, sharding  # late: parallel imports the model
   q, w, keys = (jax.lax.stop_gradient(a) for a in (q, w, keys))
   kw = dict(top_k=top_k, init_tokens=init_tokens, local_tokens=local_tokens)
-  tokens = lambda a: nn.with_logical_constraint(a, ("batch", "length") + (None,) * (a.ndim - 2))
+  tokens = lambda a: placement.constrain(a, ("batch", "length") + (None,) * (a.ndim - 2))
 
   def local(q, w, q_pos, keys, k_pos, q_seg=None, k_seg=None):
     mask = visible_mask(q_pos, k_pos, q_seg, k_seg)
@@ -115,20 +116,13 @@ def select_keys(q, w, keys, q_pos, k_pos, q_seg=None, k_seg=None, *, top_k: int,
   def one(q, w, q_pos, q_seg):
     """One block of queries [B, P * block_q, ...] against every key -> [B, P * block_q, K]."""
     args = (q, w, q_pos, keys, k_pos) + (() if q_seg is None else (q_seg, k_seg))
-    ctx = sharding.current()
-    if ctx is None:
-      return local(*args)
-    # Per device (shard_map): GSPMD gathers top_k's operand over the batch ([B, block_q, T] float32
-    # on every device), so the scores and the selection run on each device's own queries.
-    spec = lambda a, names: sharding.logical_to_spec(names + (None,) * (a.ndim - len(names)), a.shape,
-                                                     ctx.mesh, ctx.rules)
-    token_args = (0, 1, 2, 5)  # q, w, q_pos, q_seg; the rest are keys [B, T, ...]
-    in_specs = tuple(spec(a, ("batch", "length") if i in token_args else ("batch",)) for i, a in enumerate(args))
-    out_spec = spec(jax.ShapeDtypeStruct(q.shape[:2] + (min(top_k, keys.shape[1]),), jnp.int32), ("batch", "length"))
-    return jax.shard_map(local, mesh=ctx.mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+    # Per device under a mesh: GSPMD would gather top_k's operand over the batch ([B, block_q, T]
+    # float32 on every device), so the scores and the selection run on each device's own queries.
+    out = jax.ShapeDtypeStruct(q.shape[:2] + (min(top_k, keys.shape[1]),), jnp.int32)
+    return placement.per_token_block(local, args, token_args=(0, 1, 2, 5), out_shape=out)
 
   b, s = q.shape[:2]
-  p = context_parallel.length_shards(s, b)
+  p = placement.length_shards(s, b)
   if s // p <= block_q:
     return one(q, w, q_pos, q_seg)
   chunk = s // p
@@ -151,6 +145,7 @@ class Indexer(nn.Module):
   """Scores every visible key cheaply and keeps the top-k per query (module docstring)."""
 
   config: ConfigDict
+  placement: Placement = LOCAL
 
   def setup(self):
     c, s = self.config, sparse_settings(self.config)
@@ -183,18 +178,18 @@ class Indexer(nn.Module):
     st = sparse_settings(self.config)
     q, w = self.queries(x, q_latent, cos, sin)
     return select_keys(q, w, keys, q_pos, k_pos, q_seg, k_seg, top_k=st["top_k"], init_tokens=st["init_tokens"],
-                       local_tokens=st["local_tokens"], block_q=st.get("block_q", 256))
+                       local_tokens=st["local_tokens"], block_q=st.get("block_q", 256), placement=self.placement)
 
   def __call__(self, x, q_latent, cos, sin, segment_ids=None):
     """Training / prefill: x [B, S, hidden], q_latent [B, S, q_lora] -> indices [B, S, K] into 0..S-1."""
     b, s_len = x.shape[:2]
     pos = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
     # Every query scores every earlier key: under context parallelism the keys are all-gathered.
-    keys = nn.with_logical_constraint(self.keys(x, cos, sin), ("batch", None, None))
+    keys = self.placement.constrain(self.keys(x, cos, sin), ("batch", None, None))
     if self.is_mutable_collection(INDEX_CACHE) and not self.is_initializing():
       self.put_variable(INDEX_CACHE, "index_k", keys)
-    k_pos = nn.with_logical_constraint(pos, ("batch", None))
-    k_seg = None if segment_ids is None else nn.with_logical_constraint(segment_ids, ("batch", None))
+    k_pos = self.placement.constrain(pos, ("batch", None))
+    k_seg = None if segment_ids is None else self.placement.constrain(segment_ids, ("batch", None))
     return self._select(x, q_latent, cos, sin, keys, pos, k_pos, segment_ids, k_seg)
 
   def select(self, x, q_latent, cos, sin, segment_ids=None, cache_mode=None, lengths=None):
@@ -216,21 +211,18 @@ class Indexer(nn.Module):
     return self._select(x, q_latent, cos, sin, cache, q_pos, k_pos)
 
 
-def attend(q, k, v, indices, *, config: ConfigDict):
+def attend(q, k, v, indices, *, config: ConfigDict, placement: Placement = LOCAL):
   """MLA's call of the sparse attention op: q [B, S, H, R + rope], k [B, T, R + rope], v [B, T, R].
 
-  When the sequence is split over the `context` mesh axis (training/prefill), the compressed keys
-  are all-gathered and each device attends its own queries (indices are global positions).
+  When the sequence is split over devices (training/prefill under context parallelism), the
+  compressed keys are all-gathered and each device attends its own queries (indices are global
+  positions).
   """
-  from pallas_kernels.sparse_attention import sparse_attention
-  from longcat_jax.parallel import context_parallel
-  impl = None if config.kernels == "auto" else config.kernels
   b, s = q.shape[:2]
-  if k.shape[1] == s and context_parallel.is_active(s, b):
-    k, v = context_parallel.gather_sequence(k), context_parallel.gather_sequence(v)
-    return context_parallel.sparse_attention(q, k, v, indices, sm_scale=softmax_scale(config),
-                                             implementation=impl)
-  return sparse_attention(q, k, v, indices, sm_scale=softmax_scale(config), implementation=impl)
+  if k.shape[1] == s and placement.length_shards(s, b) > 1:
+    k, v = placement.gather_sequence(k), placement.gather_sequence(v)
+  return placement.sparse_attention(q, k, v, indices, sm_scale=softmax_scale(config),
+                                    implementation=kernel_impl(config))
 
 
 def indexer_kl_loss(index_scores, attn_probs, indices):

@@ -23,10 +23,11 @@ import jax.numpy as jnp
 from longcat_jax import config as config_lib
 from longcat_jax.config import ConfigDict, dtype_of
 from longcat_jax.model.attention import MLA
-from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param, rms_norm, rope_cos_sin
+from longcat_jax.model.layers import DenseMLP, RMSNorm, param, rms_norm, rope_cos_sin
 from longcat_jax.model.moe import EXPERT_BIAS, EXPERT_LOAD, MoE
 from longcat_jax.model.mtp import MTPHead
 from longcat_jax.model.ngram import NgramEmbedding
+from longcat_jax.model.placement import LOCAL, Placement
 from longcat_jax.model.sparse_attention import Indexer
 
 # Collections carried per layer through the scan (stacked on axis 0).
@@ -44,19 +45,20 @@ class ScMoELayer(nn.Module):
 
   config: ConfigDict
   cache_mode: str | None = None  # None (training), "prefill" or "decode" (KV cache; see MLA).
+  placement: Placement = LOCAL
 
   @nn.compact
   def __call__(self, h, cos, sin, segment_ids, cache_lengths=None):
-    c = self.config
+    c, p = self.config, self.placement
     norm = lambda name: RMSNorm(c, c.rms_norm_eps, name=name)
 
     # LongCat Sparse Attention: one indexer per layer picks the keys for both attention blocks,
     # computed from attn_0's input (config.sparse_attention; see model/sparse_attention.py).
-    indexer = Indexer(c, name="indexer") if c.sparse_attention is not None else None
+    indexer = Indexer(c, p, name="indexer") if c.sparse_attention is not None else None
     selected = []
 
     def attention(name, x):
-      mla = MLA(c, name=name)
+      mla = MLA(c, p, name=name)
       if indexer is not None and not selected:
         selected.append(indexer.select(x, mla.q_latent(x), cos, sin, segment_ids, self.cache_mode, cache_lengths))
       indices = selected[0] if selected else None
@@ -66,13 +68,13 @@ class ScMoELayer(nn.Module):
         return mla.decode(x, cos, sin, cache_lengths, indices=indices)
       return mla(x, cos, sin, segment_ids, indices=indices)
 
-    h = constrain(h, ("batch", "length", "embed"))
+    h = p.constrain(h, ("batch", "length", "embed"))
     h = h + attention("attn_0", norm("input_norm_0")(h))
     x = norm("post_attn_norm_0")(h)
-    moe_out = checkpoint_name(MoE(c, name="moe")(x), "moe_out")
-    h = h + DenseMLP(c, name="mlp_0")(x)
+    moe_out = checkpoint_name(MoE(c, p, name="moe")(x), "moe_out")
+    h = h + DenseMLP(c, p, name="mlp_0")(x)
     h = h + attention("attn_1", norm("input_norm_1")(h))
-    h = h + DenseMLP(c, name="mlp_1")(norm("post_attn_norm_1")(h)) + moe_out
+    h = h + DenseMLP(c, p, name="mlp_1")(norm("post_attn_norm_1")(h)) + moe_out
     return h, None
 
 
@@ -80,6 +82,7 @@ class Decoder(nn.Module):
   """`num_layers` ScMoE layers under `nn.scan`."""
 
   config: ConfigDict
+  placement: Placement = LOCAL
 
   @nn.compact
   def __call__(self, h, cos, sin, segment_ids, cache_mode=None, cache_lengths=None):
@@ -95,7 +98,7 @@ class Decoder(nn.Module):
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    h, _ = scanned(c, cache_mode=cache_mode, name="layers")(h, cos, sin, segment_ids, cache_lengths)
+    h, _ = scanned(c, cache_mode=cache_mode, placement=self.placement, name="layers")(h, cos, sin, segment_ids, cache_lengths)
     return h
 
 
@@ -106,25 +109,29 @@ class LongcatForCausalLM(nn.Module):
   0..S-1; `segment_ids` [B, S] (packed documents; equal ids attend to each other, causally).
   `return_hidden=True` returns the final-normed hidden states [B, S, hidden] instead of logits
   (the trainer computes a vocabulary-chunked loss from them and `params['lm_head']`).
+
+  `placement` says where the computation runs: one device (`LOCAL`, the default) or a mesh
+  (`longcat_jax.parallel.MeshPlacement`: sharding constraints, expert and context parallelism).
   """
 
   config: ConfigDict
+  placement: Placement = LOCAL
 
   def setup(self):
     c = self.config
     config_lib.validate(c)
     self.embed_tokens = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-    self.ngram_embedding = NgramEmbedding(c) if c.ngram_embedding is not None else None
-    self.decoder = Decoder(c)
+    self.ngram_embedding = NgramEmbedding(c, self.placement) if c.ngram_embedding is not None else None
+    self.decoder = Decoder(c, self.placement)
     self.final_norm = RMSNorm(c, c.rms_norm_eps)
     if not c.tie_word_embeddings:
       self.lm_head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-    self.mtp = MTPHead(c) if c.mtp_num_heads else None
+    self.mtp = MTPHead(c, self.placement) if c.mtp_num_heads else None
 
   def embed(self, input_ids, segment_ids=None, ngram_context=None):
     """input_ids [B, S] -> [B, S, hidden]; with n-gram embeddings, `ngram_context` [B, N-1] is the
     decoding n-gram cache (the tokens before input_ids) and `segment_ids` keep packed documents apart."""
-    x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(dtype_of(self.config.dtype))
+    x = self.placement.lookup(self.embed_tokens, input_ids, dtype_of(self.config.dtype))
     if self.ngram_embedding is not None:
       x = self.ngram_embedding(input_ids, x, context=ngram_context,
                                segment_ids=segment_ids if ngram_context is None else None)
@@ -143,7 +150,7 @@ class LongcatForCausalLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin = rope_cos_sin(self.config, positions)
-    h = constrain(self.embed(input_ids, segment_ids, ngram_context), ("batch", "length", "embed"))
+    h = self.placement.constrain(self.embed(input_ids, segment_ids, ngram_context), ("batch", "length", "embed"))
     h = self.decoder(h, cos, sin, segment_ids)
     self.sow("intermediates", "last_hidden", h)  # pre-final-norm residual stream (hidden z-loss)
     h = self.final_norm(h)
@@ -151,7 +158,7 @@ class LongcatForCausalLM(nn.Module):
       self.mtp_hidden(h, input_ids, positions, segment_ids)  # creates params['mtp']
     if return_hidden:
       return h
-    return constrain(self.logits(h), ("batch", "length", "vocab"))
+    return self.placement.constrain(self.logits(h), ("batch", "length", "vocab"))
 
   def mtp_hidden(self, hidden, input_ids, positions=None, segment_ids=None):
     """The MTP heads (`config.mtp_num_heads` > 0; `longcat_jax.model.mtp`): hidden [B, S, H] (this
@@ -162,7 +169,7 @@ class LongcatForCausalLM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin = rope_cos_sin(self.config, positions)
     ahead = [jnp.pad(input_ids, ((0, 0), (0, k)))[:, k:] for k in range(1, self.config.mtp_num_heads + 1)]
-    embeds = jnp.take(self.embed_tokens, jnp.stack(ahead), axis=0).astype(dtype_of(self.config.dtype))
+    embeds = self.placement.lookup(self.embed_tokens, jnp.stack(ahead), dtype_of(self.config.dtype))
     return self.mtp(hidden, embeds, cos, sin, segment_ids)
 
   def prefill(self, input_ids):
@@ -185,7 +192,7 @@ class LongcatForCausalLM(nn.Module):
 
   def _cached_forward(self, input_ids, positions, cache_mode, lengths, ngram_context=None):
     cos, sin = rope_cos_sin(self.config, positions)
-    h = constrain(self.embed(input_ids, None, ngram_context), ("batch", "length", "embed"))
+    h = self.placement.constrain(self.embed(input_ids, None, ngram_context), ("batch", "length", "embed"))
     return self.final_norm(self.decoder(h, cos, sin, None, cache_mode, lengths))
 
 

@@ -20,57 +20,26 @@ are global positions into the gathered compressed cache.
 
 The same code runs whenever the rules shard `length` over any mesh axes (e.g. fsdp x expert, when
 `sharding.fit_batch_rules` gives a batch too small for them to the sequence): the chunk offset is
-the device's linear index over those axes. Outside a `sharding.mesh_context` that splits
-sequences (or when S does not divide), the model takes its ordinary path; `is_active` says which.
+the device's linear index over those axes. The model takes this path when its placement splits
+sequences (`MeshPlacement.length_shards(S, B) > 1`), its ordinary path otherwise.
 """
 
 from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from longcat_jax.parallel import sharding
+from pallas_kernels.sparse_attention import sparse_attention as sparse_op
 
 CONTEXT_AXIS = "context"
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _length_axes(ctx, seq_len: int, batch: int) -> tuple[str, ...]:
-  """Mesh axes (size > 1) that shard the `length` dim of a [batch, seq] array, in order."""
-  spec = sharding.logical_to_spec(("batch", "length"), (batch, seq_len), ctx.mesh, ctx.rules)
-  axes = spec[1]
-  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-  return tuple(a for a in axes if ctx.mesh.shape[a] > 1)
-
-
-def is_active(seq_len: int, batch: int) -> bool:
-  """True inside a mesh context whose rules shard the `length` of [batch, seq_len] over some mesh
-  axis: `context`, or axes the batch cannot use (`sharding.fit_batch_rules` moves them to length)."""
-  ctx = sharding.current()
-  return ctx is not None and bool(_length_axes(ctx, seq_len, batch))
-
-
-def length_shards(seq_len: int, batch: int) -> int:
-  """Into how many chunks the active mesh splits a sequence of [batch, seq_len] (1 outside one)."""
-  ctx = sharding.current()
-  if ctx is None:
-    return 1
-  return sharding._axis_size(ctx.mesh, _length_axes(ctx, seq_len, batch))
-
-
-def gather_sequence(x):
-  """[B, S, ...] sharded along `length` -> replicated along it (the all-gather of the compressed KV)."""
-  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
-
-
-def _specs(ctx, q_shape, k_shape, v_shape):
-  mesh, rules = ctx.mesh, ctx.rules
+def _specs(placement, q_shape, k_shape, v_shape):
   b, s = q_shape[:2]
-  spec = lambda names, shape: sharding.logical_to_spec(names, shape, mesh, rules)
+  spec = placement.spec
   q_spec = spec(("batch", "length", "act_heads", None), q_shape)
   kv_names = ("batch", None, "act_heads", None) if len(k_shape) == 4 else ("batch", None, None)
   seg_q, seg_k = spec(("batch", "length"), (b, s)), spec(("batch", None), (b, s))
@@ -85,7 +54,7 @@ def _chunk_offset(length_axes, s_local: int):
   return idx * s_local
 
 
-def attention(q, k, v, segment_ids=None, *, sm_scale: float, block_k: int = 512):
+def attention(q, k, v, segment_ids=None, *, placement, sm_scale: float, block_k: int = 512):
   """Causal attention of length-sharded queries against all keys (see the module docstring).
 
   q [B, S, H, Dqk] (sharded along S over `context`), k [B, S, H, Dqk], v [B, S, H, Dv] (full
@@ -93,10 +62,9 @@ def attention(q, k, v, segment_ids=None, *, sm_scale: float, block_k: int = 512)
   Keys shared by every head (MLA's absorbed form: k [B, S, R + rope], v [B, S, R]) are taken
   as they are, so nothing per-head of the whole sequence exists; out [B, S, H, R].
   """
-  ctx = sharding.current()
   b, s, h, d = q.shape
-  length_axes = _length_axes(ctx, s, b)
-  q_spec, k_spec, v_spec, seg_q, seg_k = _specs(ctx, q.shape, k.shape, v.shape)
+  length_axes = placement.length_axes(s, b)
+  q_spec, k_spec, v_spec, seg_q, seg_k = _specs(placement, q.shape, k.shape, v.shape)
   if segment_ids is None:
     segment_ids = jnp.zeros((b, s), jnp.int32)
 
@@ -106,22 +74,19 @@ def attention(q, k, v, segment_ids=None, *, sm_scale: float, block_k: int = 512)
     return jax.vmap(functools.partial(_flash_local, sm_scale=float(sm_scale), block_k=bk),
                     in_axes=(0, 0, 0, 0, 0, None))(q, k, v, sq, sk, off)
 
-  return jax.shard_map(local, mesh=ctx.mesh, in_specs=(q_spec, k_spec, v_spec, seg_q, seg_k),
+  return jax.shard_map(local, mesh=placement.mesh, in_specs=(q_spec, k_spec, v_spec, seg_q, seg_k),
                        out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, segment_ids)
 
 
-def sparse_attention(q, k, v, indices, *, sm_scale: float, implementation=None, block_k: int = 64):
+def sparse_attention(q, k, v, indices, *, placement, sm_scale: float, implementation=None, block_k: int = 64):
   """`pallas_kernels.sparse_attention` with q [B, S, H, Dk] and indices [B, S, K] sharded along S,
   k [B, T, Dk], v [B, T, Dv] gathered (indices are global positions, so no offsets)."""
-  from pallas_kernels.sparse_attention import sparse_attention as sparse_op
-  ctx = sharding.current()
-  b, s, h, dk = q.shape
-  spec = lambda names, shape: sharding.logical_to_spec(names, shape, ctx.mesh, ctx.rules)
+  spec = placement.spec
   q_spec = spec(("batch", "length", "act_heads", None), q.shape)
   idx_spec = spec(("batch", "length", None), indices.shape)
   kv = lambda x: spec(("batch", None, None), x.shape)
   fn = functools.partial(sparse_op, sm_scale=sm_scale, implementation=implementation, block_k=block_k)
-  return jax.shard_map(lambda q, k, v, i: fn(q, k, v, i), mesh=ctx.mesh,
+  return jax.shard_map(lambda q, k, v, i: fn(q, k, v, i), mesh=placement.mesh,
                        in_specs=(q_spec, kv(k), kv(v), idx_spec), out_specs=q_spec,
                        check_vma=False)(q, k, v, indices)
 

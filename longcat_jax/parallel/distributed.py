@@ -16,6 +16,7 @@ The launch recipe (one command per host) is in docs/SCALING.md.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import jax
@@ -50,6 +51,40 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              **kwargs)
 
 
+_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+        "process_id": "JAX_PROCESS_ID"}
+
+
+def _cluster_detected() -> bool:
+  """A multi-process launcher JAX can read its process group from (SLURM, Open MPI, TPU pods)."""
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1") or 1) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def initialize_from(*, coordinator_address: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None, num_cpu_devices: int | None = None) -> bool:
+  """The command-line entry: joins a process group when one is asked for and returns whether it did.
+
+  Explicit arguments win, then the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+  `JAX_PROCESS_ID`), then JAX's own cluster detection (SLURM, Open MPI, Cloud TPU pods). With
+  none of them the run is single-process. On CPU the collectives go over gloo (simulated hosts);
+  `num_cpu_devices` simulates that many CPU devices per process.
+  """
+  given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  for k, var in _ENV.items():
+    if given[k] is None and os.environ.get(var):
+      given[k] = os.environ[var] if k == "coordinator_address" else int(os.environ[var])
+  if num_cpu_devices is not None:
+    jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
+  if all(v is None for v in given.values()) and not _cluster_detected():
+    return False
+  if given["num_processes"] == 1:
+    return False
+  initialize(given["coordinator_address"], given["num_processes"], given["process_id"], cpu_collectives="gloo")
+  return True
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh, rules=sharding.LOGICAL_AXIS_RULES):
   """This process's rows {name: [B_local, S]} -> global jax.Arrays {name: [B, S]} on the mesh.
 
@@ -79,6 +114,30 @@ def _batch_shards(mesh, rules) -> tuple[int, int]:
   mine = {tuple(c[p] for p in pos) for c in np.ndindex(mesh.devices.shape)
           if mesh.devices[c].process_index == jax.process_index()}
   return int(np.prod([mesh.shape[a] for a in axes])), len(mine)
+
+
+def process_batch_shard(mesh, rules=sharding.LOGICAL_AXIS_RULES) -> tuple[int, int]:
+  """(shard index, shard count): which contiguous 1/count of the global batch this process feeds.
+
+  The mesh splits the batch into `batch shards`; this process's devices hold some of them. With
+  process-major device order they are a contiguous run, the same length on every process:
+  shard index = first shard // run length, count = shards // run length. Processes whose
+  devices hold the same rows (the batch replicated over an axis that spans processes) get the
+  same index and read the same rows.
+  """
+  spec = sharding.batch_spec(mesh, rules)[0]
+  axes = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+  pos = [mesh.axis_names.index(a) for a in axes]
+  sizes = [mesh.devices.shape[p] for p in pos]
+  linear = lambda c: int(np.ravel_multi_index(tuple(c[p] for p in pos), sizes)) if pos else 0
+  mine = sorted({linear(c) for c in np.ndindex(mesh.devices.shape)
+                 if mesh.devices[c].process_index == jax.process_index()})
+  total = int(np.prod(sizes)) if sizes else 1
+  run = len(mine)
+  if not mine or mine != list(range(mine[0], mine[0] + run)) or mine[0] % run or total % run:
+    raise ValueError(f"process {jax.process_index()} holds batch shards {mine} of {total} on mesh "
+                     f"{dict(mesh.shape)}: not a contiguous, aligned block (order the devices process-major)")
+  return mine[0] // run, total // run
 
 
 def process_rows(global_batch_size: int) -> slice:

@@ -1,7 +1,7 @@
 """Expert computation placement: one device, or tokens dispatched to the devices owning their experts.
 
-Outside a `sharding.mesh_context` (or on a 1-device mesh) the MoE runs `dropless_experts` on the
-local tokens. Inside one, the routed-expert computation runs under `jax.shard_map` with FFN
+With the single-device placement (or on a 1-device mesh) the MoE runs `dropless_experts` on the
+local tokens. With a `MeshPlacement` (`parallel/placement.py`), the routed-expert computation runs under `jax.shard_map` with FFN
 experts split over the `expert` mesh axis (`exp` -> `expert` in the rules) and their hidden
 dimension over the axes of `expert_mlp` (tensor parallel: partial sums, one psum at the end):
 
@@ -10,7 +10,7 @@ dimension over the axes of `expert_mlp` (tensor parallel: partial sums, one psum
     expert FFN        sorted rows, grouped matmul per local expert (dropless)
     combine           outputs -> the token's device, sum_j w_j y_j (+ psum over tensor axes)
 
-Transports (`parallel_config().ep_transport`; `auto` picks by the mesh's platform):
+Transports (`MeshPlacement.ep_transport`; `auto` picks by the mesh's platform):
   - `ragged`: `jax.lax.ragged_all_to_all` sends each device exactly its FFN slots (GPU/TPU).
   - `gather`: all-gather the expert group's tokens, compute the local experts' slots, reduce-
     scatter the outputs (any backend; XLA:CPU has no ragged-all-to-all).
@@ -36,31 +36,29 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels.grouped_matmul import grouped_matmul_op
-from longcat_jax.model.attention import kernel_impl
-from longcat_jax.model.moe import dropless_experts
+from longcat_jax.model.experts import dropless_experts, kernel_impl
 from longcat_jax.parallel import sharding
 
 EXPERT_AXIS = "expert"
 
 
-def experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down, *, config, batch_shape=None):
+def experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down, *, config, placement, batch_shape=None):
   """x [T, H], weights/indices [T, k], ffn_counts [N] -> [T, H] routed-expert output.
 
-  `batch_shape` = (B, S) with B * S = T lets the sharded path keep the [batch, length] layout of
-  the tokens (so context-parallel layouts need no reshuffle).
+  `placement`: a `MeshPlacement`. `batch_shape` = (B, S) with B * S = T lets the sharded path
+  keep the [batch, length] layout of the tokens (so context-parallel layouts need no reshuffle).
   """
-  ctx = sharding.current()
-  if ctx is None or ctx.mesh.size == 1 or not _splits(ctx, x.shape[0], batch_shape):
-    # No mesh, or token shapes the mesh cannot split (e.g. `model.init` on a [1, 1] dummy batch
-    # traced inside the context): the single-device computation, partitioned by GSPMD if at all.
+  if placement.mesh.size == 1 or not _splits(placement, x.shape[0], batch_shape):
+    # A 1-device mesh, or token shapes the mesh cannot split (e.g. `model.init` on a [1, 1]
+    # dummy batch): the single-device computation, partitioned by GSPMD if at all.
     return dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down,
                             num_ffn_experts=config.num_ffn_experts, implementation=kernel_impl(config),
                             block_m=config.moe_block_size)
-  return sharded_experts(x, weights, indices, w_gate, w_up, w_down, config=config, ctx=ctx,
+  return sharded_experts(x, weights, indices, w_gate, w_up, w_down, config=config, placement=placement,
                          batch_shape=batch_shape)
 
 
-def route(logits, bias, *, config, batch_shape=None):
+def route(logits, bias, *, config, placement, batch_shape=None):
   """`pallas_kernels.topk_route` on logits [T, N+Z] -> weights, indices [T, k], ffn_counts [N].
 
   Under a mesh the top-k runs per device on its own tokens (XLA's partitioner would otherwise
@@ -70,10 +68,9 @@ def route(logits, bias, *, config, batch_shape=None):
   topk = lambda l, b: pallas_kernels.topk_route(l, b, config.top_k, config.num_ffn_experts,
                                                 config.routed_scaling_factor,
                                                 implementation=kernel_impl(config))
-  ctx = sharding.current()
-  if ctx is None or ctx.mesh.size == 1 or not _splits(ctx, logits.shape[0], batch_shape):
+  if placement.mesh.size == 1 or not _splits(placement, logits.shape[0], batch_shape):
     return topk(logits, bias)
-  batch_axes, length_axes = _token_axes(ctx.mesh, ctx.rules)
+  batch_axes, length_axes = _token_axes(placement.mesh, placement.rules)
   b, s = batch_shape or (logits.shape[0], 1)
   tok = P(batch_axes or None, length_axes or None, None)
 
@@ -82,22 +79,22 @@ def route(logits, bias, *, config, batch_shape=None):
     counts = jax.lax.psum(counts, batch_axes + length_axes) if batch_axes + length_axes else counts
     return w.reshape(l.shape[:2] + w.shape[-1:]), i.reshape(l.shape[:2] + i.shape[-1:]), counts
 
-  w, i, counts = jax.shard_map(body, mesh=ctx.mesh, in_specs=(tok, P()), out_specs=(tok, tok, P()),
+  w, i, counts = jax.shard_map(body, mesh=placement.mesh, in_specs=(tok, P()), out_specs=(tok, tok, P()),
                                check_vma=False)(logits.reshape(b, s, -1), bias)
   return w.reshape(-1, w.shape[-1]), i.reshape(-1, i.shape[-1]), counts
 
 
 def _token_axes(mesh, rules) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """Mesh axes (of size > 1) that shard the tokens' batch and length dimensions."""
+  """Mesh axes (of size > 1) that the rules give the tokens' batch and length dimensions."""
   spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
   big = lambda axes: tuple(a for a in _flat_axes(axes) if mesh.shape[a] > 1)
   return big(spec[0]), big(spec[1])
 
 
-def _splits(ctx, t, batch_shape) -> bool:
+def _splits(placement, t, batch_shape) -> bool:
   b, s = batch_shape or (t, 1)
-  batch_axes, length_axes = _token_axes(ctx.mesh, ctx.rules)
-  size = lambda axes: math.prod(ctx.mesh.shape[a] for a in axes)
+  batch_axes, length_axes = _token_axes(placement.mesh, placement.rules)
+  size = lambda axes: math.prod(placement.mesh.shape[a] for a in axes)
   return b % size(batch_axes) == 0 and s % size(length_axes) == 0
 
 
@@ -115,9 +112,9 @@ def choose_transport(requested: str, mesh) -> str:
   return "ragged" if platform in ("gpu", "cuda", "rocm", "tpu") else "gather"
 
 
-def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, ctx, batch_shape=None):
+def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, placement, batch_shape=None):
   """The expert-parallel MoE under `shard_map` (see the module docstring)."""
-  mesh, rules, pc = ctx.mesh, ctx.rules, ctx.parallel
+  mesh, rules = placement.mesh, placement.rules
   n = config.num_ffn_experts
   e = mesh.shape.get(EXPERT_AXIS, 1)
   if n % e:
@@ -142,7 +139,7 @@ def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, ctx, b
   mlp_axes = tuple(a for a in mlp_sharded if a not in token_axes)
   mlp_gather = tuple(a for a in mlp_sharded if a in token_axes)
   tokens_split = ep_axis in token_axes
-  transport = choose_transport(pc.ep_transport, mesh) if ep_axis else "local"
+  transport = choose_transport(placement.ep_transport, mesh) if ep_axis else "local"
   if transport.startswith("ragged") and not tokens_split:
     transport = "gather"  # every expert shard already holds every token: nothing to send
 
@@ -159,7 +156,7 @@ def sharded_experts(x, weights, indices, w_gate, w_up, w_down, *, config, ctx, b
   tok = P(batch_axes or None, length_axes or None, None)
   body = functools.partial(
       _local_moe, num_ffn_experts=n, ep_axis=ep_axis, tokens_split=tokens_split, mlp_axes=mlp_axes,
-      gather_axes=(embed_axes, mlp_gather), transport=transport, chunk=int(pc.ep_chunk_tokens),
+      gather_axes=(embed_axes, mlp_gather), transport=transport, chunk=int(placement.ep_chunk_tokens),
       block_m=config.moe_block_size, implementation=kernel_impl(config))
   out = jax.shard_map(body, mesh=mesh, check_vma=_checks_vma(config),
                       in_specs=(tok, tok, tok, gu_spec, gu_spec, d_spec),

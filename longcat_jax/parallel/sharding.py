@@ -8,14 +8,12 @@ axes, so a new parallel layout is an edit of that table (or of the mesh sizes), 
     mesh = make_mesh(pc)
     shardings = variable_shardings(model, mesh)          # {"params": ..., "expert_bias": ...}
     check_replicated(shardings, mesh)                    # no big weight left replicated
-    with mesh_context(mesh, parallel=pc):                # model's constraints + EP hook see it
-      step = jax.jit(train_step, in_shardings=..., out_shardings=...)
+    model = model.clone(placement=MeshPlacement(mesh))   # constraints + expert/context parallelism
+    step = jax.jit(train_step, in_shardings=..., out_shardings=...)
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Any, Mapping, Sequence
@@ -25,7 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from longcat_jax.model.moe import EXPERT_BIAS
+from longcat_jax.model.placement import LOCAL
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "context")
 
@@ -67,7 +70,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 def override_rules(rules=LOGICAL_AXIS_RULES, **mapping) -> tuple:
   """The table with the first rule of each named logical axis replaced (a layout edit):
-  `override_rules(batch=("data", "fsdp"), length=("context", "expert"))`."""
+  `override_rules(batch=("data", "fsdp"), length=("context", "expert"))`; see `parse_rules`."""
   out, seen = [], set()
   for logical, axes in rules:
     if logical in mapping and logical not in seen:
@@ -78,6 +81,20 @@ def override_rules(rules=LOGICAL_AXIS_RULES, **mapping) -> tuple:
   if missing:
     raise ValueError(f"override_rules: no rule for logical axes {sorted(missing)} in the table")
   return tuple(out)
+
+
+def parse_rules(text: str) -> dict[str, tuple[str, ...] | None]:
+  """'batch=data+fsdp,length=context+expert,vocab=' -> {'batch': ('data', 'fsdp'), 'length':
+  ('context', 'expert'), 'vocab': None} (the CLI form of `override_rules`' edits; '+' joins mesh
+  axes, nothing after '=' leaves the logical axis unsharded)."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, eq, axes = part.partition("=")
+    names = tuple(a for a in axes.split("+") if a) if eq else None
+    if not eq or not name or any(a not in MESH_AXES for a in names):
+      raise ValueError(f"rules entry {part!r}: want logical=axis[+axis...] with mesh axes from {MESH_AXES}")
+    out[name] = names or None
+  return out
 
 
 def fit_batch_rules(mesh, global_batch: int, rules=LOGICAL_AXIS_RULES) -> tuple:
@@ -179,7 +196,6 @@ def make_mesh(parallel: ml_collections.ConfigDict | Mapping[str, int] | None = N
   if dcn > 1:
     if sizes["data"] % dcn:
       raise ValueError(f"dcn_data={dcn} does not divide the 'data' mesh axis ({sizes['data']})")
-    from jax.experimental import mesh_utils
     ici = (sizes["data"] // dcn,) + shape[1:]
     granule_is_process = not hasattr(devices[0], "slice_index")
     grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1, 1, 1), devices,
@@ -244,8 +260,9 @@ def _is_partitioned(x) -> bool:
 
 def abstract_variables(model, batch: int = 1, seq: int = 8):
   """`jax.eval_shape` of `model.init`: boxed (logically partitioned) ShapeDtypeStructs, nothing
-  allocated. Only the collections that are state (`params`, `expert_bias`) are kept."""
-  from longcat_jax.model.moe import EXPERT_BIAS
+  allocated. Only the collections that are state (`params`, `expert_bias`) are kept. (Shapes do
+  not depend on the placement, so the model is traced on one device.)"""
+  model = model.clone(placement=LOCAL)
   ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   shapes = jax.eval_shape(lambda r, i: model.init(r, i), jax.ShapeDtypeStruct((2,), jnp.uint32), ids)
   return {k: shapes[k] for k in ("params", EXPERT_BIAS) if k in shapes}
@@ -280,7 +297,6 @@ def abstract_state(model, mesh, rules=LOGICAL_AXIS_RULES):
 def train_state_shardings(tx, abstract_state, param_shardings, mesh):
   """Shardings for a `train.TrainState`: optimizer moments follow their parameters (found with
   `optax.tree_map_params`, no path strings); counters, step and rng are replicated."""
-  import optax
   rep = NamedSharding(mesh, P())
   opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings["params"],
                               transform_non_params=lambda _: rep)
@@ -347,36 +363,3 @@ def check_replicated(shardings, shapes, mesh=None, threshold_bytes: int = 2**20)
     raise ValueError(f"{len(bad)} parameters of >= {threshold_bytes} bytes are replicated on every "
                      f"device of mesh {dict(m.shape)}; add or fix a rule in LOGICAL_AXIS_RULES:\n  "
                      + "\n  ".join(map(str, bad)))
-
-
-# ----------------------------------------------------------------------------------------------
-# The active mesh: what `nn.with_logical_constraint` and the expert-parallel hook see.
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshContext:
-  mesh: Mesh
-  rules: tuple
-  parallel: ml_collections.ConfigDict
-
-
-_CURRENT: contextvars.ContextVar[MeshContext | None] = contextvars.ContextVar("longcat_mesh", default=None)
-
-
-@contextlib.contextmanager
-def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES, parallel: ml_collections.ConfigDict | None = None):
-  """Activates `mesh` and the logical rules for tracing: the model's logical constraints resolve
-  against them and MoE layers dispatch tokens across the mesh (expert_parallel.py). Trace (call
-  the jitted step the first time) inside the context."""
-  ctx = MeshContext(mesh, tuple(rules), parallel or parallel_config())
-  token = _CURRENT.set(ctx)
-  try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(ctx.rules):
-      yield ctx
-  finally:
-    _CURRENT.reset(token)
-
-
-def current() -> MeshContext | None:
-  """The innermost `mesh_context`, or None (single-device semantics)."""
-  return _CURRENT.get()

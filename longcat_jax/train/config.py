@@ -11,6 +11,7 @@ the command line: `--config.optimizer.lr=1e-3 --config.model.num_layers=2`.
 from __future__ import annotations
 
 from longcat_jax import config as config_lib
+from longcat_jax.parallel import sharding
 
 ConfigDict = config_lib.ConfigDict
 
@@ -25,6 +26,16 @@ def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
   c.batch_size = 8                 # global batch (sequences per optimizer step)
   c.seq_len = 256
   c.grad_accum_steps = 1           # microbatches per step (batch_size must divide)
+
+  # Parallelism: the mesh over all global devices ("axis=size,...", axes data/fsdp/expert/tensor/
+  # context, one -1 fills), its slow-network part ("data=2": groups of `data` across slices or
+  # hosts), edits of the logical-axis table ("batch=data+fsdp,length=context"; parallel/sharding.py)
+  # and the expert-parallel transport (parallel/expert_parallel.py).
+  c.mesh = "fsdp=-1"
+  c.dcn_mesh = ""
+  c.rules = ""
+  c.ep_transport = "auto"
+  c.ep_chunk_tokens = 0
 
   c.data = ConfigDict()
   c.data.store = ""                # token store path; "" = the Python-stdlib corpus, built on first use
@@ -82,6 +93,14 @@ def validate(c: ConfigDict) -> None:
                      f"{c.grad_accum_steps}")
   if c.nonfinite not in NONFINITE_CHOICES:
     raise ValueError(f"nonfinite={c.nonfinite!r} must be one of {NONFINITE_CHOICES}")
+  for field, parse in (("mesh", sharding.parse_mesh), ("dcn_mesh", sharding.parse_mesh),
+                       ("rules", sharding.parse_rules)):
+    try:
+      parse(c[field])
+    except ValueError as e:
+      raise ValueError(f"config.{field}={c[field]!r}: {e}") from None
+  if c.ep_transport not in sharding.EP_TRANSPORTS:
+    raise ValueError(f"ep_transport={c.ep_transport!r} must be one of {sharding.EP_TRANSPORTS}")
   if c.model.num_ffn_experts and c.model.num_ffn_experts % c.loss.balance_groups:
     raise ValueError(f"loss.balance_groups={c.loss.balance_groups} must divide model.num_ffn_experts="
                      f"{c.model.num_ffn_experts}")

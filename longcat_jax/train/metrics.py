@@ -74,6 +74,21 @@ class MetricWriter:
       self._tb.close()
 
 
+class NullWriter:
+  """What processes other than 0 write: nothing (`MetricWriter`'s interface)."""
+
+  path = None
+
+  def write(self, step: int, scalars: dict, arrays: dict | None = None) -> None:
+    del step, scalars, arrays
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    del tag, text, step
+
+  def close(self) -> None:
+    pass
+
+
 def _ends_with_newline(path: str) -> bool:
   with open(path, "rb") as f:
     f.seek(0, os.SEEK_END)

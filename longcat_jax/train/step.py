@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from longcat_jax.model import EXPERT_BIAS, EXPERT_LOAD
+from longcat_jax.model.transformer import init_variables
 from longcat_jax.train import controller, losses, optimizer as optim
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -60,7 +61,6 @@ def make_optimizer(model, config):
 
 def init_train_state(model, config, rng) -> TrainState:
   """Fresh state: model init (width-rescaled when `optimizer.proxy_hidden_size` > 0), zero bias."""
-  from longcat_jax.model.transformer import init_variables
   rng = jnp.asarray(rng)
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)

@@ -1,30 +1,49 @@
-"""The training job: data, state (fresh, grown or resumed), the step loop, metrics, checkpoints, sample.
+"""The training job: one path from one CPU device to a multi-host mesh.
 
-    summary = run(config, workdir)      # experiments/train.py is the command-line front end
+    program = build(config)            # mesh from config.mesh, model placed on it, sharded step
+    summary = run(config, workdir)     # experiments/train.py is the command-line front end
+
+`build(config, mesh)` is the one place where the mesh, the logical-axis rules, the model's
+placement, the state and batch shardings and the jitted step are put together; the planner
+(`experiments/plan.py`, via `Program.lower`), the benchmarks and the tests use it too.
+
+Multi-host: every process runs the same program over the global mesh; each reads only its slice
+of the global batch (`Program.data_shard`) and the global batch is assembled from process-local
+rows; orbax writes every process's shards; metrics, progress bar and sample come from process 0.
 
 Resuming is automatic: if `workdir/checkpoints` holds a complete checkpoint, the run continues
-from it (params, optimizer state, expert bias, rng, step, data iterator), and the per-step losses
-are bitwise those of an uninterrupted run. A finished run says so and only samples.
+from it (params, optimizer state, expert bias, rng, step, data iterator) on whatever mesh and
+process count this run has, and the per-step losses are bitwise those of an uninterrupted run on
+the same layout. A finished run says so and only samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tqdm import tqdm
+
+from longcat_jax.data import TokenStore, load_tokenizer, make_train_iterator, prepare_default_corpus
+from longcat_jax.inference import generate
 from longcat_jax.model import LongcatForCausalLM
+from longcat_jax.model.placement import LOCAL
+from longcat_jax.parallel import distributed, sharding
+from longcat_jax.parallel.placement import MeshPlacement
 from longcat_jax.train import config as config_lib
 from longcat_jax.train import growth, metrics as metrics_lib
 from longcat_jax.train.checkpoint import Checkpointer, with_shardings
-from longcat_jax.train.step import abstract_train_state, init_train_state, make_train_step, state_from_params
+from longcat_jax.train.step import (BATCH_KEYS, TrainState, abstract_train_state, init_train_state, make_optimizer,
+                                    make_train_step, state_from_params)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -32,38 +51,104 @@ class NonFiniteLoss(RuntimeError):
 
 
 def _log(msg: str) -> None:
-  print(msg, flush=True)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def data_store(config) -> str:
   """The token store path: `data.store`, or the Python-stdlib corpus built under `data.cache_dir`."""
   if config.data.store:
     return config.data.store
-  from longcat_jax.data import prepare_default_corpus  # pylint: disable=import-outside-toplevel
   return prepare_default_corpus(config.data.cache_dir, max_files=config.data.max_files or None)
 
 
-def make_mesh():
-  """A 1-D `data` mesh over all devices: batch split, state replicated (the simple layout)."""
-  return Mesh(np.array(jax.devices()), ("data",))
+def make_mesh(config, devices=None) -> Mesh:
+  """The mesh of `config.mesh` ("data=2,fsdp=-1,expert=8"; -1 fills) over all global devices,
+  with `config.dcn_mesh` ("data=2": that many groups of `data` across slices / hosts)."""
+  dcn = sharding.parse_mesh(config.dcn_mesh)
+  if set(dcn) - {"data"}:
+    raise ValueError(f"dcn_mesh={config.dcn_mesh!r}: only the `data` axis can span the slow network")
+  pc = sharding.parallel_config(mesh=sharding.parse_mesh(config.mesh), dcn_data=dcn.get("data", 1))
+  return sharding.make_mesh(pc, devices)
 
 
-def state_shardings(abstract_state, mesh):
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state)
+def make_rules(config, mesh, table=sharding.LOGICAL_AXIS_RULES) -> tuple:
+  """The logical-axis table with `config.rules` edits, the batch fitted to the mesh."""
+  rules = sharding.override_rules(table, **sharding.parse_rules(config.rules))
+  return sharding.fit_batch_rules(mesh, config.batch_size // config.grad_accum_steps, rules)
 
 
-def batch_sharding(mesh, batch_size: int):
-  n = mesh.devices.size
-  return NamedSharding(mesh, P("data") if batch_size % n == 0 else P())
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The sharded training program for one config on one mesh (`build`)."""
+
+  config: Any
+  mesh: Mesh
+  rules: tuple
+  model: LongcatForCausalLM          # its placement: LOCAL on one device, MeshPlacement otherwise
+  abstract_state: TrainState         # ShapeDtypeStructs carrying `state_shardings`
+  state_shardings: TrainState
+  batch_sharding: NamedSharding      # of every [global_batch, seq] batch array
+  step: Any                          # jitted (state, batch) -> (state, metrics); state donated
+  init: Any                          # jitted rng -> TrainState, created sharded
+
+  def abstract_batch(self) -> dict:
+    shape = (self.config.batch_size, self.config.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+  def lower(self):
+    """`jax.stages.Lowered` of the step on abstract state and batch (the planner's input)."""
+    return self.step.lower(self.abstract_state, self.abstract_batch())
+
+  def data_shard(self) -> tuple[int, int]:
+    """(shard index, shard count) of the global batch that this process reads."""
+    return distributed.process_batch_shard(self.mesh, self.rules)
+
+  def global_batch(self, local: dict) -> dict:
+    """This process's rows {name: [B_local, S]} -> global arrays [B, S] laid out by `batch_sharding`."""
+    return distributed.global_batch({k: local[k] for k in BATCH_KEYS}, self.mesh, self.rules)
+
+  def place(self, state: TrainState) -> TrainState:
+    """A (host or differently sharded) state laid out by `state_shardings`."""
+    return jax.device_put(state, self.state_shardings)
 
 
-def initial_state(model, config, rng, log=_log):
-  """Fresh state, or a grown one when `config.init_from` names a trained run's checkpoints."""
+def build(config, mesh: Mesh | None = None, *, rules=None) -> Program:
+  """Mesh, rules, placed model, state and batch shardings and the jitted step for `config`.
+
+  `mesh` defaults to `make_mesh(config)`; `rules` to the logical-axis table with `config.rules`
+  edits (a whole table may be passed instead, e.g. the planner's layout edits).
+  """
+  config_lib.validate(config)
+  mesh = make_mesh(config) if mesh is None else mesh
+  rules = make_rules(config, mesh) if rules is None else tuple(rules)
+  placement = LOCAL if mesh.size == 1 else MeshPlacement(mesh, rules, config.ep_transport,
+                                                            int(config.ep_chunk_tokens))
+  model = LongcatForCausalLM(config.model, placement=placement)
+  var_sh = sharding.variable_shardings(model, mesh, rules)
+  tx, _ = make_optimizer(model, config)
+  shapes = abstract_train_state(model, config)
+  state_sh = sharding.train_state_shardings(tx, shapes, var_sh, mesh)
+  abstract = with_shardings(shapes, state_sh)
+  batch_sh = sharding.batch_sharding(mesh, rules, (config.batch_size, config.seq_len))
+  step = jax.jit(make_train_step(model, config), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+  local_model = model.clone(placement=LOCAL)  # init values do not depend on the placement
+  init = jax.jit(lambda rng: init_train_state(local_model, config, rng), out_shardings=state_sh)
+  return Program(config, mesh, rules, model, abstract, state_sh, batch_sh, step, init)
+
+
+def initial_state(program: Program, rng, log=_log) -> TrainState:
+  """Fresh state (created sharded), or a grown one when `config.init_from` names a trained run's
+  checkpoints."""
+  config = program.config
   if not config.init_from:
-    return init_train_state(model, config, rng)
+    return program.init(jnp.asarray(rng))
   src = Checkpointer(config.init_from, async_save=False)
   step = src.latest_step()
   if step is None:
+    src.close()
     raise FileNotFoundError(f"init_from={config.init_from!r} holds no complete checkpoint")
   meta = src.read_meta(step)
   src_config = config_lib.ConfigDict(json.loads(meta["config"]))
@@ -77,98 +162,88 @@ def initial_state(model, config, rng, log=_log):
   params, bias = growth.grow(src_state.params, src_state.expert_bias, src_config.model.num_layers,
                              config.grow_factor)
   log(f"grown from {config.init_from} step {step}: {src_config.model.num_layers} -> {want} layers (stacked)")
-  return state_from_params(model, config, params, bias, jax.random.split(jnp.asarray(rng))[0])
+  model = program.model.clone(placement=LOCAL)
+  return program.place(state_from_params(model, config, params, bias, jax.random.split(jnp.asarray(rng))[0]))
 
 
 def greedy_sample(model, params, expert_bias, prompt: list[int], num_tokens: int) -> list[int]:
-  """Greedy continuation: `longcat_jax.inference.generate` when present, else a full-forward loop."""
-  variables = {"params": params, "expert_bias": expert_bias}
-  try:
-    from longcat_jax.inference import generate  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    generate = None
-  if generate is not None:
-    out = generate(model, variables, [prompt], num_tokens, temperature=0.0, eos_token_id=())
-    return [int(t) for t in out.tokens[0][:int(out.num_tokens[0])]]
-  total = len(prompt) + num_tokens
-  ids = np.zeros((1, total), np.int32)
-  ids[0, :len(prompt)] = prompt
-  step = jax.jit(lambda ids, pos: jnp.argmax(model.apply(variables, ids)[0, pos - 1]))
-  for pos in range(len(prompt), total):
-    ids[0, pos] = int(step(ids, pos))
-  return ids[0, len(prompt):].tolist()
+  """Greedy continuation of `prompt` (`longcat_jax.inference.generate`)."""
+  out = generate(model, {"params": params, "expert_bias": expert_bias}, [prompt], num_tokens,
+                 temperature=0.0, eos_token_id=())
+  return [int(t) for t in out.tokens[0][:int(out.num_tokens[0])]]
 
 
-def run(config, workdir: str, *, progress: bool = True, log=_log) -> dict:
-  """Trains `config` in `workdir` (resuming if possible); returns a summary dict."""
-  config_lib.validate(config)
+def run(config, workdir: str, *, progress: bool = True, log=_log, mesh: Mesh | None = None) -> dict:
+  """Trains `config` in `workdir` (resuming if possible) on `mesh` (default `make_mesh(config)`,
+  over every process's devices); returns a summary dict (with the final `state` and the `program`)."""
   if config.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  program = build(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   c = config.model
-  model = LongcatForCausalLM(c)
 
   store_path = data_store(config)
-  from longcat_jax.data import TokenStore, load_tokenizer, make_train_iterator  # pylint: disable=import-outside-toplevel
   store = TokenStore.open(store_path)
   if store.vocab_size > c.vocab_size:
     raise ValueError(f"data store {store_path} has vocab_size={store.vocab_size} > model.vocab_size={c.vocab_size}")
-  it = make_train_iterator(store_path, config.seq_len, config.batch_size, config.seed, 0, 1,
+  shard, shards = program.data_shard()
+  it = make_train_iterator(store_path, config.seq_len, config.batch_size, config.seed, shard, shards,
                            num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+  mesh_text = ",".join(f"{k}={v}" for k, v in program.mesh.shape.items() if v > 1) or "1 device"
+  log(f"mesh {mesh_text} ({program.mesh.size} devices, {jax.process_count()} process"
+      f"{'es' if jax.process_count() > 1 else ''}); this process reads batch shard {shard} of {shards}")
 
-  mesh = make_mesh()
-  abstract = abstract_train_state(model, config)
-  shardings = state_shardings(abstract, mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every,
                       keep=config.keep_checkpoints, async_save=config.async_checkpoint)
   meta = {"config": config.to_json()}
   if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(with_shardings(abstract, shardings))
+    state, data_state, _ = ckpt.restore(program.abstract_state)
     it.set_state(data_state)
     log(f"resumed from {ckpt.directory} step {int(state.step)}")
   else:
-    state = jax.device_put(initial_state(model, config, jax.random.PRNGKey(config.seed), log), shardings)
+    state = initial_state(program, jax.random.PRNGKey(config.seed), log)
   start = int(state.step)
 
   tokenizer = load_tokenizer(store.meta.get("tokenizer", "byte"))
-  summary = {"workdir": workdir, "start_step": start, "total_steps": config.total_steps}
+  summary = {"workdir": workdir, "start_step": start, "total_steps": config.total_steps, "state": state,
+             "program": program}
   if start >= config.total_steps:
     log(f"already done: step {start} of {config.total_steps} (checkpoint in {ckpt.directory})")
   else:
-    summary.update(_train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, progress, log))
-    state = summary.pop("state")
+    summary.update(_train_loop(program, state, it, ckpt, meta, workdir, progress, log))
+    state = summary["state"]
   ckpt.close()
 
   if config.sample_tokens > 0:
-    prompt = tokenizer.encode(config.sample_prompt)
-    if getattr(tokenizer, "bos_id", None) is not None:
-      prompt = [tokenizer.bos_id] + list(prompt)
-    out = greedy_sample(model, state.params, state.expert_bias, list(prompt), config.sample_tokens)
-    text = tokenizer.decode(out)
-    summary["sample"] = config.sample_prompt + text
-    log("sample (greedy):\n" + summary["sample"])
+    if jax.process_count() > 1:
+      log("sample skipped: multi-process run (sample from the checkpoint with python -m longcat_jax.generate)")
+    else:
+      prompt = tokenizer.encode(config.sample_prompt)
+      if getattr(tokenizer, "bos_id", None) is not None:
+        prompt = [tokenizer.bos_id] + list(prompt)
+      out = greedy_sample(program.model, state.params, state.expert_bias, list(prompt), config.sample_tokens)
+      summary["sample"] = config.sample_prompt + tokenizer.decode(out)
+      log("sample (greedy):\n" + summary["sample"])
   return summary
 
 
-def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, progress, log) -> dict:
-  c = config.model
+def _train_loop(program: Program, state, it, ckpt, meta, workdir, progress, log) -> dict:
+  config, c = program.config, program.config.model
   start = int(state.step)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-  step_fn = jax.jit(make_train_step(model, config), in_shardings=(shardings, batch_sharding(mesh, config.batch_size)),
-                    out_shardings=(shardings, None))
+  main_process = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start) if main_process else metrics_lib.NullWriter()
   tokens_per_step = config.batch_size * config.seq_len
-  peak = metrics_lib.device_peak_flops(c.dtype) * mesh.devices.size
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  bar = tqdm(total=config.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
-             file=sys.stdout)
+  peak = metrics_lib.device_peak_flops(c.dtype) * program.mesh.size
+  bar = tqdm(total=config.total_steps, initial=start, disable=not (progress and main_process), unit="step",
+             dynamic_ncols=True, file=sys.stdout)
   first_loss = last_loss = None
   t_prev = time.perf_counter()
   t_start, compile_s, skipped = t_prev, None, 0
   for step in range(start + 1, config.total_steps + 1):
-    batch = next(it)
-    state, m = step_fn(state, batch)
+    batch = program.global_batch(next(it))
+    state, m = program.step(state, batch)
     m = jax.device_get(m)
     now = time.perf_counter()
     dt, t_prev = now - t_prev, now

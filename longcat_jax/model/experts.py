@@ -1,0 +1,71 @@
+"""The routed experts on one device: dropless, zero experts folded into one scale (spec section 3).
+
+`dropless_experts` is the single-device expert computation behind `Placement.experts`; the
+expert-parallel version (`longcat_jax.parallel.expert_parallel`) runs it per device.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels
+from longcat_jax.config import ConfigDict
+
+
+def kernel_impl(config: ConfigDict):
+  """`config.kernels` -> the `implementation=` argument of the pallas_kernels entry points."""
+  return None if config.kernels == "auto" else config.kernels
+
+
+@jax.custom_vjp
+def _permute_rows(x, perm, inv):
+  """x[perm] for a permutation `perm` of the rows (inv = its inverse); the cotangent is a gather
+  by `inv`, not the scatter-add that `jnp.take`'s transpose would be."""
+  return jnp.take(x, perm, axis=0)
+
+
+def _permute_rows_fwd(x, perm, inv):
+  return jnp.take(x, perm, axis=0), (perm, inv)
+
+
+def _permute_rows_bwd(res, g):
+  perm, inv = res
+  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return jnp.take(g, inv, axis=0), zero(perm), zero(inv)
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down, *, num_ffn_experts: int,
+                     implementation=None, block_m: int = 64):
+  """Routed-expert output on one device.
+
+  x [T, H] (the normed MoE input), weights/indices [T, k], ffn_counts [N] (assignments per FFN
+  expert), w_gate/w_up [N, H, I], w_down [N, I, H] -> [T, H]. Includes the zero-expert term.
+
+  Rows are the (token, slot) pairs sorted by expert. The routing weight is applied to a row's
+  hidden activation before the down projection (sum_j w_j (h_j W_down) = sum_j (w_j h_j) W_down),
+  so no [T, k, H] expert output is kept for the backward, and the slots are summed per token
+  by an unweighted gather.
+  """
+  t, k = indices.shape
+  flat = indices.reshape(-1)
+  is_ffn = flat < num_ffn_experts
+  # Stable sort by expert; zero-expert slots get key N and land after every FFN row, where the
+  # grouped matmul leaves them at zero.
+  order = jnp.argsort(jnp.where(is_ffn, flat, num_ffn_experts), stable=True)
+  inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))  # order^-1
+  slots = jnp.broadcast_to(x[:, None, :], (t, k, x.shape[-1])).reshape(t * k, -1)
+  xs = _permute_rows(slots, order, inv)
+  gmm = lambda a, w: pallas_kernels.grouped_matmul(a, w.astype(x.dtype), ffn_counts,
+                                                   implementation=implementation, block_m=block_m)
+  h = nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up)
+  w_rows = jnp.take(jnp.where(is_ffn, weights.reshape(-1), 0.0), order)  # [T k], 0 past the FFN rows
+  ys = gmm((w_rows[:, None] * h.astype(jnp.float32)).astype(x.dtype), w_down)
+  out = _permute_rows(ys, inv, order).reshape(t, k, -1).astype(jnp.float32).sum(1)
+  w_zero = jnp.where(is_ffn.reshape(t, k), 0.0, weights).sum(-1, keepdims=True)
+  return (out + w_zero * x.astype(jnp.float32)).astype(x.dtype)

@@ -49,7 +49,7 @@ def main(argv=None):
   import longcat_jax as lj
   from experiments import common
   from longcat_jax import train
-  from longcat_jax.train import metrics
+  from longcat_jax.train import metrics, trainer
 
   def make_cfg(kernels):
     cfg = train.get_train_config("small" if args.preset == "gpu_medium" else args.preset,
@@ -94,9 +94,8 @@ def main(argv=None):
         f"{'FFN exp/tok':>11s} {'loss first -> last step':>24s}")
   for kernels in args.kernels.split(","):
     cfg = make_cfg(kernels)
-    model = lj.LongcatForCausalLM(cfg.model)
-    state = train.init_train_state(model, cfg, jax.random.PRNGKey(0))
-    step = jax.jit(train.make_train_step(model, cfg), donate_argnums=0)
+    program = trainer.build(cfg)  # the trainer's own program (mesh from config.mesh over the local devices)
+    state, step = program.init(jax.random.PRNGKey(0)), program.step
     state, m = step(state, batch)  # compile + warm-up
     first_loss = float(m["loss"])
     times = []
@@ -110,7 +109,7 @@ def main(argv=None):
     flops = metrics.training_flops_per_token(cfg.model, args.seq, ffn) * tokens
     print(f"{kernels:8s} {med * 1e3:10.1f} {tokens / med:10.0f} {flops / med / peak_meas:10.1%} "
           f"{flops / med / peak_sheet:10.1%} {ffn:11.2f} {first_loss:11.4f} -> {float(m['loss']):8.4f}", flush=True)
-    del state, step
+    del state, step, program
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def _wait(procs, timeout=600):
 
 
 def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, tmp_path):
-  total = 12
+  total = 40  # long enough that the SIGKILL lands before the run ends
   # 1 process, 8 devices, same layout: the losses the two processes must train.
   one_process = tmp_path / "one_process"
   config = smoke_config(shared, mesh="fsdp=2,expert=4", total_steps=total, checkpoint_every=4)
@@ -149,11 +149,11 @@ def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, t
 
   # SIGKILL both processes at a random step after the first checkpoint, then the same command.
   run = tmp_path / "killed"
-  kill_after = int(np.random.default_rng(int.from_bytes(os.urandom(4), "little")).integers(5, total - 1))
+  kill_after = int(np.random.default_rng(int.from_bytes(os.urandom(4), "little")).integers(5, total // 2))
   procs = _two_processes(run, shared, total)
   deadline = time.time() + 600
   while len(read_metrics(str(run))) < kill_after:
-    assert all(p.poll() is None for p in procs), "a process ended before the kill"
+    assert all(p.poll() is None for p in procs), "a process ended before the kill:\n" + procs[0].communicate()[0][-3000:]
     assert time.time() < deadline, "timed out waiting for the kill step"
     time.sleep(0.05)
   for p in procs:
@@ -164,13 +164,16 @@ def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, t
   assert "resumed from" in logs[0], logs[0][-2000:]
   np.testing.assert_array_equal(losses_of(run), want)  # bitwise, no step missing
 
-  # Its checkpoint at step 8 restored in one process, on 8 devices and on 1 device: the next loss.
+  # Its next-to-last checkpoint restored in one process, on 8 devices and on 1 device: the next loss.
+  step = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())[-2]
   for name, devices in (("eight", jax.devices()), ("one", jax.devices()[:1])):
     work = tmp_path / f"restore_{name}"
     (work / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run / "checkpoints" / "8", work / "checkpoints" / "8")
-    config = smoke_config(shared, mesh="fsdp=-1", total_steps=9, checkpoint_every=4)
-    summary = trainer.run(config, str(work), progress=False, log=lambda m: None,
+    shutil.copytree(run / "checkpoints" / str(step), work / "checkpoints" / str(step))
+    config = smoke_config(shared, mesh="fsdp=-1", total_steps=total, checkpoint_every=1000)
+    config.total_steps = total
+    summary = trainer.run(config.copy_and_resolve_references(), str(work), progress=False, log=lambda m: None,
                           mesh=trainer.make_mesh(config, devices=devices))
-    assert summary["start_step"] == 8
-    np.testing.assert_allclose(losses_of(work)[-1], want[8], rtol=1e-5, err_msg=f"restored on {name} device(s)")
+    assert summary["start_step"] == step
+    got = losses_of(work)
+    np.testing.assert_allclose(got[0], want[step], rtol=1e-5, err_msg=f"restored on {name} device(s)")

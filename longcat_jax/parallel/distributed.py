@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination client has no public accessor
 
 from longcat_jax.parallel import sharding
 
@@ -83,6 +84,16 @@ def initialize_from(*, coordinator_address: str | None = None, num_processes: in
     return False
   initialize(given["coordinator_address"], given["num_processes"], given["process_id"], cpu_collectives="gloo")
   return True
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+  """Waits until every process reaches `name` (the coordination service's barrier, not a device
+  collective; a no-op in one process). The trainer passes one after compiling the step: a
+  device collective (gloo on CPU) gives its peers only ~30 s to arrive, less than the compile-time
+  skew between processes on a loaded machine."""
+  if jax.process_count() == 1:
+    return
+  jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh, rules=sharding.LOGICAL_AXIS_RULES):

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longcat_jax.model import LongcatForCausalLM
 from longcat_jax.train import config as config_lib
-from longcat_jax.train import growth, metrics as metrics_lib
+from longcat_jax.train import growth, init_from, metrics as metrics_lib
 from longcat_jax.train.checkpoint import Checkpointer, with_shardings
 from longcat_jax.train.step import abstract_train_state, init_train_state, make_train_step, state_from_params
 
@@ -58,12 +58,16 @@ def batch_sharding(mesh, batch_size: int):
 
 
 def initial_state(model, config, rng, log=_log):
-  """Fresh state, or a grown one when `config.init_from` names a trained run's checkpoints."""
+  """Fresh state, a released checkpoint's (`init_from="hf:DIR"`, `train/init_from.py`), or a grown one
+  when `config.init_from` names a trained run's checkpoints."""
   if not config.init_from:
     return init_train_state(model, config, rng)
+  if init_from.is_hf(config.init_from):
+    return init_from.initial_state_from_hf(model, config, rng, log)
   src = Checkpointer(config.init_from, async_save=False)
   step = src.latest_step()
   if step is None:
+    src.close()
     raise FileNotFoundError(f"init_from={config.init_from!r} holds no complete checkpoint")
   meta = src.read_meta(step)
   src_config = config_lib.ConfigDict(json.loads(meta["config"]))
@@ -101,6 +105,8 @@ def greedy_sample(model, params, expert_bias, prompt: list[int], num_tokens: int
 
 def run(config, workdir: str, *, progress: bool = True, log=_log) -> dict:
   """Trains `config` in `workdir` (resuming if possible); returns a summary dict."""
+  if init_from.is_hf(config.init_from):  # the model config is the checkpoint's
+    config = init_from.resolve_config(config, workdir, log)
   config_lib.validate(config)
   if config.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache))
@@ -129,7 +135,11 @@ def run(config, workdir: str, *, progress: bool = True, log=_log) -> dict:
     it.set_state(data_state)
     log(f"resumed from {ckpt.directory} step {int(state.step)}")
   else:
-    state = jax.device_put(initial_state(model, config, jax.random.PRNGKey(config.seed), log), shardings)
+    try:
+      state = jax.device_put(initial_state(model, config, jax.random.PRNGKey(config.seed), log), shardings)
+    except BaseException:
+      ckpt.close()  # else orbax's threads print a second traceback at interpreter exit
+      raise
   start = int(state.step)
 
   tokenizer = load_tokenizer(store.meta.get("tokenizer", "byte"))

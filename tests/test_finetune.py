@@ -136,3 +136,124 @@ def test_bad_init_from_ends_with_one_message(tmp_path):
     assert p.returncode != 0
     assert p.stderr.count("Traceback") == 1, p.stderr[-3000:]
     assert "FileNotFoundError" in p.stderr and "cannot schedule new futures" not in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+
+
+def _tensors(path):
+  from safetensors import safe_open
+  with open(os.path.join(path, "model.safetensors.index.json")) as f:
+    files = sorted(set(json.load(f)["weight_map"].values()))
+  out = {}
+  for name in files:
+    with safe_open(os.path.join(path, name), framework="numpy") as f:
+      for k in f.keys():
+        out[k] = f.get_tensor(k)
+  return out
+
+
+@pytest.fixture(scope="module")
+def exported(run):
+  from longcat_jax import export
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    out[dtype] = str(run["root"] / f"export_{dtype}")
+    assert export.main(["--run", run["workdir"], "--out", out[dtype], "--dtype", dtype]) == 0
+  return out
+
+
+def test_export_loads_in_transformers_and_longcat_jax_with_our_logits(run, exported):
+  from transformers import LongcatFlashForCausalLM
+  from longcat_jax import export
+  model, variables, step = export.load_run(run["workdir"])
+  assert step == STEPS
+  ids = np.asarray([run["ref"].config.bos_token_id] + list(range(10, 40)), np.int32)[None]
+  ours = np.asarray(model.apply(variables, ids))
+  path = exported["float32"]
+  ref = LongcatFlashForCausalLM.from_pretrained(path).float().eval()
+  with torch.no_grad():
+    theirs = ref(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+  assert np.abs(ours - np.asarray(lj.load_pretrained(run["ckpt"])[0].apply(
+      lj.load_pretrained(run["ckpt"])[1], ids))).max() > 1e-2  # the export holds the TRAINED weights
+  m2, v2 = lj.load_pretrained(path)
+  np.testing.assert_allclose(np.asarray(m2.apply(v2, ids)), ours, atol=1e-5, rtol=0)
+  # Tokenizer, template and generation config came along; config.json keeps the release's fields.
+  for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    with open(os.path.join(path, name), "rb") as a, open(os.path.join(run["ckpt"], name), "rb") as b:
+      assert a.read() == b.read(), name
+  with open(os.path.join(path, "config.json")) as f, open(os.path.join(run["ckpt"], "config.json")) as g:
+    exp, src = json.load(f), json.load(g)
+  assert set(src) <= set(exp) and exp["hidden_size"] == src["hidden_size"]
+
+
+def test_export_load_export_is_bitwise(run, exported, tmp_path):
+  from longcat_jax import export
+  path = exported["bfloat16"]
+  first = _tensors(path)
+  assert str(first["model.layers.0.mlp.router.classifier.weight"].dtype) == "float32"
+  assert str(first["model.embed_tokens.weight"].dtype) == "bfloat16"
+  model, variables = lj.load_pretrained(path)
+  again = str(tmp_path / "again")
+  lj.save_pretrained(again, model, variables)
+  second = _tensors(again)
+  assert sorted(first) == sorted(second)
+  for k in first:
+    assert first[k].dtype == second[k].dtype and first[k].tobytes() == second[k].tobytes(), k
+  assert export.main(["--run", run["workdir"], "--out", str(tmp_path / "fp8"), "--dtype", "fp8"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat.
+
+
+def _hf_chat(path, turns, max_new_tokens):
+  """transformers: the same conversation, greedy, with the template and generation_config.json."""
+  from transformers import AutoTokenizer, LongcatFlashForCausalLM
+  tok = AutoTokenizer.from_pretrained(path)
+  ref = LongcatFlashForCausalLM.from_pretrained(path).float().eval()
+  eos = ref.generation_config.eos_token_id
+  eos = [eos] if isinstance(eos, int) else list(eos)
+  conv, log = [], []
+  for text in turns:
+    conv.append({"role": "user", "content": text})
+    ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=True)["input_ids"]
+    out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                       pad_token_id=tok.pad_token_id)
+    reply = out[0, len(ids):].tolist()
+    if eos[0] in reply:  # HF pads after EOS
+      reply = reply[:reply.index(eos[0]) + 1]
+    log.append({"prompt_ids": ids, "reply_ids": reply})
+    conv.append({"role": "assistant", "content": tok.decode([t for t in reply if t not in eos])})
+  return log, eos
+
+
+def test_chat_from_stdin_equals_transformers_generate(run, exported, tmp_path, monkeypatch, capsys):
+  cli = importlib.import_module("longcat_jax.generate")
+  turns = ["What is the capital of France?", "And the moon?"]
+  path = exported["float32"]
+  want, eos = _hf_chat(path, turns, 24)
+  log = str(tmp_path / "tokens.jsonl")
+  monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
+  assert cli.main(["--checkpoint", path, "--chat", "--temperature", "0", "--max-new-tokens", "24",
+                   "--token-log", log]) == 0
+  out = capsys.readouterr()
+  with open(log) as f:
+    got = [json.loads(line) for line in f]
+  assert got == want
+  assert want[0]["reply_ids"][-1] in eos          # the reply stopped at EOS
+  lines = out.out.split("\n")
+  assert len(lines) == 3 and lines[2] == "" and "<|end|>" not in out.out
+  # A run directory is a checkpoint too; --prompt-file decodes one-turn conversations as a batch.
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text(turns[0] + "\n" + "Do experts cost much?\n")
+  log2 = str(tmp_path / "tokens2.jsonl")
+  assert cli.main(["--checkpoint", run["workdir"], "--chat", "--prompt-file", str(prompts), "--temperature", "0",
+                   "--max-new-tokens", "24", "--token-log", log2]) == 0
+  with open(log2) as f:
+    got2 = [json.loads(line) for line in f]
+  assert got2[0] == want[0]
+  assert len(capsys.readouterr().out.strip().split("\n")) == 2

@@ -62,8 +62,13 @@ def param_shapes(config: ConfigDict):
   return flax.linen.meta.unbox(v["params"])
 
 
-def count_params(config: ConfigDict) -> ParamCount:
-  """Total, non-expert and per-token activated parameter counts of `config`."""
+def count_params(config: ConfigDict | str) -> ParamCount:
+  """Total, non-expert and per-token activated parameter counts of `config` (or a preset name)."""
+  if isinstance(config, str):
+    from longcat_jax.config import get_config  # pylint: disable=import-outside-toplevel
+    config = get_config(config)
+  elif not isinstance(config, ConfigDict):
+    raise TypeError(f"count_params takes a model ConfigDict or a preset name, got {type(config).__name__}")
   params = param_shapes(config)
   flat = flax.traverse_util.flatten_dict(params)
   size = lambda s: int(np.prod(s.shape))

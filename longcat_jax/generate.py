@@ -46,6 +46,8 @@ def _parse(argv):
   p.add_argument("--chat", action="store_true", help="chat: user turns from stdin (or --prompt-file), "
                  "rendered with the checkpoint's chat template")
   p.add_argument("--system", default=None, help="--chat: a system message to start the conversation")
+  p.add_argument("--context", type=int, default=4096,
+                 help="--chat: conversation tokens the session's cache holds (fixed, so decoding compiles once)")
   p.add_argument("--token-log", default=None, help="append {prompt_ids, reply_ids} per reply to this JSONL")
   p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: DIR/tokenizer.json, else bytes)")
   p.add_argument("--max-new-tokens", type=int, default=128)
@@ -187,8 +189,11 @@ def _log_tokens(args, prompt, reply):
 
 def _chat_loop(args, model, variables, tok, template, eos) -> int:
   """One reply per stdin line; the conversation grows by the user turn and the reply text."""
+  from longcat_jax.inference.engine import prefill_bucket  # pylint: disable=import-outside-toplevel
   conversation = _start(args)
   interactive = sys.stdin.isatty()
+  context = min(args.context, model.config.max_position_embeddings)
+  cache_size = prefill_bucket(context)  # one size for the session: the decode step compiles once
   while True:
     if interactive:
       print("> ", end="", file=sys.stderr, flush=True)
@@ -200,18 +205,22 @@ def _chat_loop(args, model, variables, tok, template, eos) -> int:
       continue
     conversation.append({"role": "user", "content": text})
     prompt = template.tokenize(conversation, add_generation_prompt=True)
+    if len(prompt) + args.max_new_tokens > context:
+      raise ValueError(f"the conversation has {len(prompt)} tokens, which with --max-new-tokens "
+                       f"{args.max_new_tokens} exceeds the context of {context} tokens (--context, "
+                       "max_position_embeddings); start a new conversation")
     stream = _TextStream(tok, sys.stdout, skip=eos)
-    out = _generate(args, model, variables, [prompt], eos, stream)
+    out = _generate(args, model, variables, [prompt], eos, stream, cache_size)
     stream.finish()
     reply = [int(t) for t in out.tokens[0, :out.num_tokens[0]]]
     _log_tokens(args, prompt, reply)
     conversation.append({"role": "assistant", "content": tok.decode([t for t in reply if t not in eos])})
 
 
-def _generate(args, model, variables, prompts, eos, stream):
+def _generate(args, model, variables, prompts, eos, stream, cache_size=None):
   out = generate(model, variables, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, eos_token_id=eos, seed=args.seed, num_draft_tokens=args.draft_tokens,
-                 stream=stream)
+                 stream=stream, cache_size=cache_size)
   _report(args, prompts, out)
   return out
 

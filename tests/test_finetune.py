@@ -238,7 +238,7 @@ def test_chat_from_stdin_equals_transformers_generate(run, exported, tmp_path, m
   want, eos = _hf_chat(path, turns, 24)
   log = str(tmp_path / "tokens.jsonl")
   monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
-  assert cli.main(["--checkpoint", path, "--chat", "--temperature", "0", "--max-new-tokens", "24",
+  assert cli.main(["--checkpoint", path, "--chat", "--temperature", "0", "--max-new-tokens", "24", "--context", "128",
                    "--token-log", log]) == 0
   out = capsys.readouterr()
   with open(log) as f:
@@ -257,3 +257,28 @@ def test_chat_from_stdin_equals_transformers_generate(run, exported, tmp_path, m
     got2 = [json.loads(line) for line in f]
   assert got2[0] == want[0]
   assert len(capsys.readouterr().out.strip().split("\n")) == 2
+
+
+def test_chat_uses_mtp_speculation_when_the_checkpoint_has_it(tmp_path, monkeypatch, capsys):
+  from chat_fixture import write_tokenizer
+  from longcat_jax import inference
+  from longcat_jax.data.chat import ChatTemplate
+  cli = importlib.import_module("longcat_jax.generate")
+  model = lj.LongcatForCausalLM(lj.get_config("tiny", mtp_num_heads=1, max_position_embeddings=256))
+  variables = lj.init_variables(model, jax.random.key(1))
+  path = str(tmp_path / "mtp")
+  lj.save_pretrained(path, model, variables)
+  write_tokenizer(path)
+  log = str(tmp_path / "tokens.jsonl")
+  monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n"))
+  assert cli.main(["--checkpoint", path, "--chat", "--temperature", "0", "--max-new-tokens", "12", "--context", "64",
+                   "--token-log", log]) == 0
+  assert "MTP draft acceptance" in capsys.readouterr().err
+  with open(log) as f:
+    got = json.loads(f.readline())
+  template = ChatTemplate.from_dir(path)
+  prompt = template.tokenize([{"role": "user", "content": "What is the capital of France?"}], True)
+  assert got["prompt_ids"] == prompt
+  eos = template.tokenizer.eos_id
+  plain = inference.generate(model, variables, [prompt], 12, temperature=0.0, eos_token_id=eos)
+  assert got["reply_ids"] == plain.tokens[0, :plain.num_tokens[0]].tolist()

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from longcat_jax.data.chat import ChatError, ChatTemplate, read_jsonl_conversations
 from longcat_jax.data.store import TokenStore
 from longcat_jax.data.tokenizer import load_tokenizer
 
@@ -110,7 +111,6 @@ def prepare_chat(jsonl: str, output: str, tokenizer_dir: str, seq_len: int | Non
   "counts": {reason: n}}. With ``strict`` any bad row raises ``BadRows`` and nothing is
   written.
   """
-  from longcat_jax.data.chat import ChatError, ChatTemplate, read_jsonl_conversations  # pylint: disable=import-outside-toplevel
   template = ChatTemplate.from_dir(tokenizer_dir)
   tok = template.tokenizer
   rows = read_jsonl_conversations(jsonl)
@@ -221,7 +221,6 @@ def _main_chat(args) -> int:
     print("error: --chat needs --tokenizer DIR (a checkpoint/tokenizer directory with a chat template)",
           file=sys.stderr)
     return 2
-  from longcat_jax.data.chat import ChatError  # pylint: disable=import-outside-toplevel
   try:
     store, report = prepare_chat(args.chat, args.output, args.tokenizer, args.seq_len, args.strict,
                                  args.overwrite)

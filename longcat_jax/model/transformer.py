@@ -140,8 +140,10 @@ class LongcatForCausalLM(nn.Module):
     """input_ids [B, S] -> [B, S, hidden]; with n-gram embeddings, `ngram_context` [B, N-1] is the
     decoding n-gram cache (the tokens before input_ids) and `segment_ids` keep packed documents apart."""
     check_token_ids(input_ids, self.config.vocab_size)
-    # Under jit ids cannot be checked: an id outside the table reads NaN (loud), never a clipped row.
-    x = jnp.take(self.embed_tokens, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+    # Under jit ids cannot be checked: an id outside the table reads NaN (loud), never a clipped or
+    # (for negative ids) wrapped-around row.
+    ids = jnp.where(input_ids < 0, self.config.vocab_size, input_ids)
+    x = jnp.take(self.embed_tokens, ids, axis=0, mode="fill", fill_value=jnp.nan)
     x = x.astype(dtype_of(self.config.dtype))
     if self.ngram_embedding is not None:
       x = self.ngram_embedding(input_ids, x, context=ngram_context,

@@ -2,8 +2,8 @@
 
     python -m longcat_jax.export --run WORKDIR [--step N] --out DIR [--dtype bfloat16|float32|fp8]
 
-Reads the orbax checkpoint WORKDIR/checkpoints/<step> (default: the latest complete one) and the
-training config saved in its meta, and writes DIR with `longcat_jax.save_pretrained` (safetensors
+Reads the params and expert bias of the orbax checkpoint WORKDIR/checkpoints/<step> (default: the
+latest complete one; the optimizer state is not read) and the training config saved in its meta, and writes DIR with `longcat_jax.save_pretrained` (safetensors
 + index + config.json), loadable by transformers and by `longcat_jax.load_pretrained`.
 
 Where the run came from: a run started with `init_from=hf:SRC` has WORKDIR/origin.json and copies
@@ -28,6 +28,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 
 from longcat_jax import config as config_lib
 from longcat_jax.interop import CheckpointError, save_pretrained
@@ -62,17 +63,25 @@ def run_config(workdir: str, step: int | None = None):
   return config_lib.ConfigDict(json.loads(meta["config"])), step
 
 
-def load_run(workdir: str, step: int | None = None):
-  """(model, variables {"params", "expert_bias"}, step) of a run's checkpoint, on one device."""
+def load_run(workdir: str, step: int | None = None, sharding=None):
+  """(model, variables {"params", "expert_bias"}, step) of a run's checkpoint.
+
+  Only the params and the expert bias are read (an orbax partial restore: the optimizer state
+  stays on disk), laid out with `sharding` (one sharding for every leaf; default: device 0).
+  """
   config, step = run_config(workdir, step)
   model = LongcatForCausalLM(config.model)
-  abstract = with_shardings(abstract_train_state(model, config), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  abstract = abstract_train_state(model, config)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  wanted = with_shardings({"params": abstract.params, "expert_bias": abstract.expert_bias}, sharding)
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   try:
-    state, _, _ = ckpt.restore(abstract, step)
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=True)))
   finally:
     ckpt.close()
-  return model, {"params": state.params, "expert_bias": state.expert_bias}, step
+  return model, {"params": out["state"]["params"], "expert_bias": out["state"]["expert_bias"]}, step
 
 
 def run_files_dir(workdir: str, config=None) -> str | None:

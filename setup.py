@@ -19,6 +19,7 @@ setup(
         "grain>=0.2.18,<0.3",
         "tokenizers>=0.21",
         "tqdm",
+        "jinja2>=3.1.6",        # chat templates (longcat_jax.data.chat)
         "tensorboardX",
         "matplotlib",
     ],

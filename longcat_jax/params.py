@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longcat_jax.config import ConfigDict
+from longcat_jax.config import ConfigDict, get_config
 from longcat_jax.model import LongcatForCausalLM
 
 
@@ -62,8 +62,12 @@ def param_shapes(config: ConfigDict):
   return flax.linen.meta.unbox(v["params"])
 
 
-def count_params(config: ConfigDict) -> ParamCount:
-  """Total, non-expert and per-token activated parameter counts of `config`."""
+def count_params(config: ConfigDict | str) -> ParamCount:
+  """Total, non-expert and per-token activated parameter counts of `config` (or a preset name)."""
+  if isinstance(config, str):
+    config = get_config(config)
+  elif not isinstance(config, ConfigDict):
+    raise TypeError(f"count_params takes a model ConfigDict or a preset name, got {type(config).__name__}")
   params = param_shapes(config)
   flat = flax.traverse_util.flatten_dict(params)
   size = lambda s: int(np.prod(s.shape))

@@ -8,6 +8,15 @@ split into pieces, each piece a segment of its row; only the very last row is
 padded. Because any row can be built from its index alone, the pipeline is a
 random-access ``grain.MapDataset`` and its whole state is one integer.
 
+Whole documents (chat stores, whose meta has ``"loss_mask": true``). A
+conversation must not be cut in two, so rows are instead filled with whole
+documents in store order, greedily (a row takes documents while they fit in S
+tokens, then is padded); a document longer than S is an error (``prep --chat
+--seq-len`` leaves such rows out). The row table ``document_rows`` is computed
+from the document offsets alone, so rows stay random-access. The loss mask is
+then also 0 wherever the NEXT token is not marked in the store's ``loss_mask``
+(1 on assistant tokens), so only assistant tokens are predicted.
+
 Order. Row indices are globally shuffled per epoch (grain's ``index_shuffle``
 with seed ``seed + epoch``, a fixed algorithm, so the same seed gives the same
 rows on any machine), repeated forever, and cut into global batches of
@@ -24,7 +33,9 @@ Batch dict (numpy, each [L, S]):
                           0 on padding.
   ``positions``   int32   index inside the segment, restarting at 0.
   ``loss_mask``   float32 1 where ``targets`` is a real next token of the same
-                          segment; 0 at each segment's last token and padding.
+                          segment; 0 at each segment's last token and padding
+                          (and, in chat stores, where the next token is not
+                          an assistant token).
 
 State. ``get_state()`` is ``{"next_index": <batches consumed>, "seed",
 "seq_len", "global_batch_size", "num_tokens"}``: JSON-serialisable, the same on
@@ -44,14 +55,44 @@ import numpy as np
 from longcat_jax.data.store import TokenStore
 
 
+def document_rows(offsets: np.ndarray, seq_len: int, where: str = "") -> np.ndarray:
+  """Token offset where each row starts, [num_rows + 1] (the last = num_tokens),
+  packing whole documents greedily in order (see "Whole documents")."""
+  lengths = np.diff(np.asarray(offsets, np.int64))
+  if lengths.size and lengths.max() > seq_len:
+    doc = int(np.argmax(lengths))
+    raise ValueError(f"{where}: document {doc} has {int(lengths[doc])} tokens, more "
+                     f"than seq_len={seq_len}; whole-document packing cannot "
+                     "split it (re-run prep with --seq-len to leave it out)")
+  starts, fill = [0], 0
+  for doc, n in enumerate(lengths.tolist()):
+    if fill + n > seq_len:
+      starts.append(int(offsets[doc]))
+      fill = 0
+    fill += n
+  starts.append(int(offsets[-1]))
+  return np.asarray(starts, np.int64)
+
+
 def pack_rows(store: TokenStore, rows: np.ndarray, seq_len: int,
-              pad_id: int = 0) -> dict[str, np.ndarray]:
-  """Builds the batch dict (see module docstring) for row indices ``rows`` [B]."""
+              pad_id: int = 0, row_starts: np.ndarray | None = None
+              ) -> dict[str, np.ndarray]:
+  """Builds the batch dict (see module docstring) for row indices ``rows`` [B].
+
+  ``row_starts`` [num_rows + 1]: token offsets of the rows (``document_rows``);
+  None = fixed slices ``[r * S, (r + 1) * S)``.
+  """
   rows = np.asarray(rows, np.int64).reshape(-1)
   B, S = len(rows), seq_len
-  starts = rows * S
-  stops = np.minimum(starts + S, store.num_tokens)
+  if row_starts is None:
+    starts = rows * S
+    stops = np.minimum(starts + S, store.num_tokens)
+  else:
+    starts, stops = row_starts[rows], row_starts[rows + 1]
   reads = [store.read_range_async(int(a), int(b)) for a, b in zip(starts, stops)]
+  masks = ([store.read_mask_range_async(int(a), int(b)) for a, b in zip(starts, stops)]
+           if store.has_loss_mask else None)
+  marked = np.zeros((B, S), bool)
   input_ids = np.full((B, S), pad_id, np.int32)
   segment_ids = np.zeros((B, S), np.int32)
   positions = np.zeros((B, S), np.int32)
@@ -65,7 +106,11 @@ def pack_rows(store: TokenStore, rows: np.ndarray, seq_len: int,
     input_ids[i, :n] = ids
     segment_ids[i, :n] = np.cumsum(np.r_[True, doc[1:] != doc[:-1]])
     positions[i, :n] = tok - np.maximum(offsets[doc], start)
+    if masks is not None:
+      marked[i, :n] = masks[i].result() > 0
   same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+  if masks is not None:
+    same &= marked[:, 1:]
   loss_mask = np.zeros((B, S), np.float32)
   loss_mask[:, :-1] = same
   targets = np.full((B, S), pad_id, np.int32)
@@ -135,18 +180,25 @@ def make_train_iterator(store_path: str, seq_len: int, global_batch_size: int,
   store = TokenStore.open(store_path)
   if store.num_tokens == 0:
     raise ValueError(f"{store.path}: store has no tokens")
-  num_rows = -(-store.num_tokens // seq_len)
+  row_starts = None
+  if store.has_loss_mask:
+    row_starts = document_rows(store.offsets, seq_len, store.path)
+    num_rows = len(row_starts) - 1
+  else:
+    num_rows = -(-store.num_tokens // seq_len)
   local_batch = global_batch_size // shard_count
   pad_id = int(store.meta.get("extra", {}).get("pad_id", 0))
 
   ds = grain.MapDataset.range(num_rows).shuffle(seed=seed).repeat()
   ds = ds.batch(local_batch)[shard_index::shard_count]
-  ds = ds.map(lambda rows: pack_rows(store, rows, seq_len, pad_id))
+  ds = ds.map(lambda rows: pack_rows(store, rows, seq_len, pad_id, row_starts))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch))
   config = {"seed": seed, "seq_len": seq_len,
             "global_batch_size": global_batch_size,
             "num_tokens": store.num_tokens}
+  if row_starts is not None:
+    config["packing"] = "documents"
   return TrainIterator(iter(ds), config, store, shard_index, shard_count)
 
 

@@ -1,7 +1,20 @@
-"""Text files -> token store. Each file is one document: [bos] + encode(text) + [eos].
+"""Text files or chat conversations -> token store.
 
   python -m longcat_jax.data.prep --input "docs/**/*.txt" [--input more.txt] \
       --output /data/store [--tokenizer tokenizer.json|byte] [--max-files N]
+  python -m longcat_jax.data.prep --chat data.jsonl --tokenizer CHECKPOINT_DIR \
+      --output /data/chat [--seq-len 2048] [--strict]
+
+Text: each file is one document, [bos] + encode(text) + [eos].
+
+Chat (``--chat``): each JSONL row ``{"messages": [{"role", "content"}, ...]}`` is
+one document, rendered with the checkpoint's chat template and tokenizer
+(``longcat_jax.data.chat``: the template writes bos/eos and turn markers) and
+stored with a loss mask that is 1 only on assistant tokens. Bad rows (invalid
+JSON, no assistant turn, unknown role, a template that fails, more than
+``--seq-len`` tokens) are counted and reported with their line numbers, then
+skipped, or, with ``--strict``, refused (nothing is written). Nothing is
+truncated.
 
 With no ``--input`` the corpus is the Python standard library's ``.py`` files
 (``default_corpus_files``): every machine has it, so the training job can run
@@ -19,6 +32,7 @@ import time
 
 import numpy as np
 
+from longcat_jax.data.chat import ChatError, ChatTemplate, read_jsonl_conversations
 from longcat_jax.data.store import TokenStore
 from longcat_jax.data.tokenizer import load_tokenizer
 
@@ -71,6 +85,80 @@ def prepare(files: list[str], output: str, tokenizer=None,
     return writer.close()
 
 
+class BadRows(ValueError):
+  """``prepare_chat(strict=True)`` found bad rows; ``.report`` lists them."""
+
+  def __init__(self, message: str, report: dict):
+    super().__init__(message)
+    self.report = report
+
+
+def _reason(msg: str) -> str:
+  """A short category for a bad row's message (for the counts)."""
+  for key in ("not valid JSON", "no 'messages'", "unknown role", "no assistant", "template",
+              "tokens, more than", "must be"):
+    if key in msg:
+      return {"must be": "malformed message", "tokens, more than": "longer than seq_len",
+              "no 'messages'": "no messages field"}.get(key, key)
+  return "other"
+
+
+def prepare_chat(jsonl: str, output: str, tokenizer_dir: str, seq_len: int | None = None,
+                 strict: bool = False, overwrite: bool = False) -> tuple[TokenStore | None, dict]:
+  """Chat JSONL -> a store with a loss mask (see the module docstring).
+
+  Returns (store, report); report = {"rows", "written", "bad": [(line, message)],
+  "counts": {reason: n}}. With ``strict`` any bad row raises ``BadRows`` and nothing is
+  written.
+  """
+  template = ChatTemplate.from_dir(tokenizer_dir)
+  tok = template.tokenizer
+  rows = read_jsonl_conversations(jsonl)
+  docs, bad = [], []
+  for line, messages in rows:
+    try:
+      if isinstance(messages, ChatError):
+        raise messages
+      ids, mask = template.tokenize_with_mask(messages)
+      if seq_len is not None and len(ids) > seq_len:
+        raise ChatError(f"{len(ids)} tokens, more than seq_len={seq_len}")
+    except ChatError as e:
+      bad.append((line, str(e)))
+      continue
+    docs.append((line, ids, mask))
+  counts: dict[str, int] = {}
+  for _, msg in bad:
+    counts[_reason(msg)] = counts.get(_reason(msg), 0) + 1
+  report = {"rows": len(rows), "written": 0, "bad": bad, "counts": counts}
+  if bad and strict:
+    raise BadRows(f"{jsonl}: {len(bad)} bad row(s) of {len(rows)}, first at line {bad[0][0]}: {bad[0][1]}",
+                  report)
+  if not docs:
+    raise BadRows(f"{jsonl}: no usable rows ({len(bad)} bad of {len(rows)})", report)
+  extra = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+           "chat": {"source": os.path.abspath(jsonl), "tokenizer_dir": os.path.abspath(tokenizer_dir),
+                    "seq_len": seq_len, "mask": "assistant"}}
+  with TokenStore.create(output, tok.vocab_size, tokenizer=tok.name, overwrite=overwrite, extra=extra,
+                         loss_mask=True) as writer:
+    for line, ids, mask in docs:
+      writer.add(ids, source=f"{os.path.abspath(jsonl)}:{line}", mask=mask)
+    store = writer.close()
+  report["written"] = len(docs)
+  return store, report
+
+
+def format_report(path: str, report: dict, limit: int = 20) -> str:
+  """Human-readable summary of ``prepare_chat``'s report."""
+  lines = [f"{path}: {report['rows']} rows, {report['written']} written, {len(report['bad'])} bad"
+           + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(report["counts"].items())) + ")"
+              if report["bad"] else "")]
+  for line, msg in report["bad"][:limit]:
+    lines.append(f"  {path}:{line}: {msg}")
+  if len(report["bad"]) > limit:
+    lines.append(f"  ... and {len(report['bad']) - limit} more")
+  return "\n".join(lines)
+
+
 def prepare_default_corpus(out_dir: str, max_files: int | None = None,
                            tokenizer=None) -> str:
   """Builds the stdlib corpus store under ``out_dir`` unless already there.
@@ -102,10 +190,17 @@ def main(argv=None):
                  help="file or glob (repeatable); default: Python stdlib .py")
   p.add_argument("--output", required=True, help="store directory to create")
   p.add_argument("--tokenizer", default="byte",
-                 help="'byte' or path to a Hugging Face tokenizer.json")
+                 help="'byte' or path to a Hugging Face tokenizer.json; with --chat the "
+                      "checkpoint directory (tokenizer.json + tokenizer_config.json)")
+  p.add_argument("--chat", default=None, help="chat JSONL ({'messages': [...]} per line)")
+  p.add_argument("--seq-len", type=int, default=None,
+                 help="--chat: rows longer than this are bad rows (the training seq_len)")
+  p.add_argument("--strict", action="store_true", help="--chat: refuse bad rows instead of skipping them")
   p.add_argument("--max-files", type=int, default=None)
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
+  if args.chat is not None:
+    return _main_chat(args)
   files = (expand_inputs(args.input) if args.input else default_corpus_files())
   if args.max_files is not None:
     files = files[:args.max_files]
@@ -118,5 +213,30 @@ def main(argv=None):
         f"({store.num_tokens / max(dt, 1e-9) / 1e6:.2f} M tok/s)")
 
 
+def _main_chat(args) -> int:
+  if args.input:
+    print("error: --chat and --input are exclusive", file=sys.stderr)
+    return 2
+  if args.tokenizer == "byte":
+    print("error: --chat needs --tokenizer DIR (a checkpoint/tokenizer directory with a chat template)",
+          file=sys.stderr)
+    return 2
+  try:
+    store, report = prepare_chat(args.chat, args.output, args.tokenizer, args.seq_len, args.strict,
+                                 args.overwrite)
+  except BadRows as e:
+    print(format_report(args.chat, e.report), file=sys.stderr)
+    print(f"error: {e}" + (" (--strict: nothing written)" if args.strict else ""), file=sys.stderr)
+    return 1
+  except (ChatError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(format_report(args.chat, report), file=sys.stderr)
+  mask = int(store.read_mask_range_async(0, store.num_tokens).result().sum())
+  print(f"wrote {store.path}: {store.num_docs} conversations, {store.num_tokens} tokens, {mask} assistant "
+        f"tokens (vocab {store.vocab_size}, tokenizer {store.meta['tokenizer']})")
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

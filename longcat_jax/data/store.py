@@ -4,8 +4,10 @@ Layout of a store directory::
 
   tokens/       zarr3 int32 [num_tokens], chunks of 32768 tokens, zstd level 3
   doc_offsets/  zarr3 int64 [num_docs + 1], offsets[0] = 0, offsets[-1] = num_tokens
+  loss_mask/    zarr3 uint8 [num_tokens], only in chat stores (meta "loss_mask": true):
+                1 on the tokens to train on (assistant replies), 0 elsewhere
   meta.json     {"format", "vocab_size", "tokenizer", "num_docs", "num_tokens",
-                 "sources", "extra"}
+                 "sources", "extra", "loss_mask"}
 
 Document i is ``tokens[offsets[i]:offsets[i + 1]]``. A store is built under a
 temporary sibling directory and renamed into place after ``meta.json`` is
@@ -99,7 +101,8 @@ class TokenStoreWriter:
   """
 
   def __init__(self, path: str, vocab_size: int, tokenizer: str = "",
-               overwrite: bool = False, extra: dict | None = None):
+               overwrite: bool = False, extra: dict | None = None,
+               loss_mask: bool = False):
     self.path = os.path.abspath(path)
     if os.path.exists(self.path) and not overwrite:
       raise FileExistsError(f"token store already exists: {self.path}")
@@ -108,7 +111,8 @@ class TokenStoreWriter:
     self.vocab_size = int(vocab_size)
     self._overwrite = overwrite
     self._meta = {"format": FORMAT, "vocab_size": self.vocab_size,
-                  "tokenizer": tokenizer, "extra": extra or {}}
+                  "tokenizer": tokenizer, "extra": extra or {},
+                  "loss_mask": bool(loss_mask)}
     parent = os.path.dirname(self.path)
     os.makedirs(parent, exist_ok=True)
     self._tmp = tempfile.mkdtemp(
@@ -118,6 +122,8 @@ class TokenStoreWriter:
     self._offsets = _Appender(os.path.join(self._tmp, "doc_offsets"), "int64",
                               OFFSET_CHUNK)
     self._offsets.append(np.zeros(1, np.int64))
+    self._mask = _Appender(os.path.join(self._tmp, "loss_mask"), "uint8",
+                           TOKEN_CHUNK) if loss_mask else None
     self._sources: dict[str, None] = {}  # ordered set
     self.num_docs = 0
     self._closed = False
@@ -127,11 +133,13 @@ class TokenStoreWriter:
     return self._tokens.size
 
   def add(self, tokens: Sequence[int] | np.ndarray,
-          source: str | None = None) -> int:
+          source: str | None = None, mask: np.ndarray | None = None) -> int:
     """Appends one document (1-D ids); returns its index.
 
-    Raises ValueError naming ``source`` (or the store path), the document
-    index and token offset if an id is outside ``[0, vocab_size)``.
+    ``mask`` (0/1 per token, same length) is required in a store created with
+    ``loss_mask=True`` and refused otherwise. Raises ValueError naming
+    ``source`` (or the store path), the document index and token offset if an
+    id is outside ``[0, vocab_size)``.
     """
     ids = np.asarray(tokens)
     if ids.ndim != 1 or not (ids.size == 0 or
@@ -142,6 +150,16 @@ class TokenStoreWriter:
     if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
       raise _bad_id_error(source or self.path, ids, self.vocab_size,
                           self.num_docs, 0)
+    if (mask is None) != (self._mask is None):
+      raise ValueError(f"{source or self.path}: document {self.num_docs}: "
+                       + ("this store has a loss mask; pass mask="
+                          if mask is None else "this store has no loss mask"))
+    if mask is not None:
+      mask = np.asarray(mask)
+      if mask.shape != ids.shape:
+        raise ValueError(f"{source or self.path}: document {self.num_docs}: "
+                         f"mask shape {mask.shape} != tokens {ids.shape}")
+      self._mask.append(mask.astype(np.uint8))
     self._tokens.append(ids)
     self._offsets.append(np.array([self._tokens.size], np.int64))
     if source is not None:
@@ -155,6 +173,8 @@ class TokenStoreWriter:
       raise RuntimeError(f"writer for {self.path} already closed")
     self._tokens.flush(final=True)
     self._offsets.flush(final=True)
+    if self._mask is not None:
+      self._mask.flush(final=True)
     meta = dict(self._meta, num_docs=self.num_docs,
                 num_tokens=self.num_tokens, sources=list(self._sources))
     with open(os.path.join(self._tmp, META_FILE), "w") as f:
@@ -190,17 +210,20 @@ class TokenStore:
   tokens are read from disk on demand (thread-safe)."""
 
   def __init__(self, path: str, meta: dict, tokens: ts.TensorStore,
-               offsets: np.ndarray):
+               offsets: np.ndarray, mask: ts.TensorStore | None = None):
     self.path, self.meta, self._tokens, self.offsets = path, meta, tokens, offsets
+    self._mask = mask
+    self.has_loss_mask: bool = mask is not None
     self.vocab_size: int = meta["vocab_size"]
     self.num_docs: int = meta["num_docs"]
     self.num_tokens: int = meta["num_tokens"]
 
   @staticmethod
   def create(path: str, vocab_size: int, tokenizer: str = "",
-             overwrite: bool = False, extra: dict | None = None
-             ) -> TokenStoreWriter:
-    return TokenStoreWriter(path, vocab_size, tokenizer, overwrite, extra)
+             overwrite: bool = False, extra: dict | None = None,
+             loss_mask: bool = False) -> TokenStoreWriter:
+    return TokenStoreWriter(path, vocab_size, tokenizer, overwrite, extra,
+                            loss_mask)
 
   @staticmethod
   def exists(path: str) -> bool:
@@ -229,7 +252,14 @@ class TokenStore:
           f"{path}: arrays disagree with {META_FILE} (tokens {tokens.shape}, "
           f"doc_offsets {offsets.shape}, meta num_tokens={n_tok}, "
           f"num_docs={n_docs})")
-    return cls(path, meta, tokens, offsets)
+    mask = None
+    if meta.get("loss_mask"):
+      mask = ts.open(_spec(os.path.join(path, "loss_mask")), read=True,
+                     context=ctx).result()
+      if mask.shape != (n_tok,):
+        raise ValueError(f"{path}: loss_mask has shape {mask.shape}, "
+                         f"tokens ({n_tok},)")
+    return cls(path, meta, tokens, offsets, mask)
 
   def read_range_async(self, start: int, stop: int) -> ts.Future:
     """Future of int32 tokens [stop - start] (no validation)."""
@@ -237,6 +267,15 @@ class TokenStore:
       raise IndexError(f"{self.path}: token range [{start}, {stop}) outside "
                        f"[0, {self.num_tokens})")
     return self._tokens[start:stop].read()
+
+  def read_mask_range_async(self, start: int, stop: int) -> ts.Future:
+    """Future of the uint8 loss mask [stop - start] (chat stores only)."""
+    if self._mask is None:
+      raise ValueError(f"{self.path}: store has no loss mask")
+    if not 0 <= start <= stop <= self.num_tokens:
+      raise IndexError(f"{self.path}: token range [{start}, {stop}) outside "
+                       f"[0, {self.num_tokens})")
+    return self._mask[start:stop].read()
 
   def read_range(self, start: int, stop: int, check: bool = True
                  ) -> np.ndarray:

@@ -138,6 +138,20 @@ def as_prompts(input_ids, attention_mask=None) -> list[np.ndarray]:
   return prompts
 
 
+def check_prompts(prompts: Sequence[np.ndarray], config) -> None:
+  """Raises ValueError naming the prompt (and position) with an id outside the vocabulary, or more
+  tokens than the model has positions."""
+  for i, p in enumerate(prompts):
+    bad = (p < 0) | (p >= config.vocab_size)
+    if bad.any():
+      pos = int(np.argmax(bad))
+      raise ValueError(f"prompt {i}, position {pos}: token id {int(p[pos])} is outside the vocabulary "
+                       f"[0, {config.vocab_size})")
+    if len(p) >= config.max_position_embeddings:
+      raise ValueError(f"prompt {i} has {len(p)} tokens; the model has max_position_embeddings="
+                       f"{config.max_position_embeddings} positions, which leaves no room for a new token")
+
+
 def prefill_bucket(n: int) -> int:
   """Padded prompt length: the next power of two, at least MIN_PREFILL_BUCKET."""
   return max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length())
@@ -220,6 +234,7 @@ def generate(model, variables, input_ids, max_new_tokens: int, *, temperature: f
   config = model.config
   sampling = make_sampling(temperature, top_k, top_p)
   prompts = as_prompts(input_ids, attention_mask)
+  check_prompts(prompts, config)
   b, lens = len(prompts), np.array([len(p) for p in prompts], np.int32)
   bucket = prefill_bucket(int(lens.max()))
   size = cache_size or plan_cache_size(config, int(lens.max()), max_new_tokens, num_draft_tokens)

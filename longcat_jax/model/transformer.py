@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+import numpy as np
 
 from longcat_jax import config as config_lib
 from longcat_jax.config import ConfigDict, dtype_of
@@ -38,6 +39,20 @@ _REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_moe": jax.checkpoint_policies.save_only_these_names("moe_out"),
 }
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+  """Raises ValueError naming the first [row, position] whose id is outside [0, vocab_size), when
+  the ids are concrete (model.apply outside jit). Traced ids (under jit) are not checked: such ids
+  embed as NaN, so the logits are NaN rather than a silently wrong row."""
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(input_ids)
+  bad = (ids < 0) | (ids >= vocab_size)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"input_ids[{', '.join(map(str, where))}] = {int(ids[where])} is outside the vocabulary "
+                     f"[0, {vocab_size}) ({int(bad.sum())} such id(s))")
 
 
 class ScMoELayer(nn.Module):
@@ -131,7 +146,11 @@ class LongcatForCausalLM(nn.Module):
   def embed(self, input_ids, segment_ids=None, ngram_context=None):
     """input_ids [B, S] -> [B, S, hidden]; with n-gram embeddings, `ngram_context` [B, N-1] is the
     decoding n-gram cache (the tokens before input_ids) and `segment_ids` keep packed documents apart."""
-    x = self.placement.lookup(self.embed_tokens, input_ids, dtype_of(self.config.dtype))
+    check_token_ids(input_ids, self.config.vocab_size)
+    # Under jit ids cannot be checked: an id outside the table reads NaN (loud), never a clipped or
+    # (for negative ids) wrapped-around row.
+    ids = jnp.where(input_ids < 0, self.config.vocab_size, input_ids)
+    x = self.placement.lookup(self.embed_tokens, ids, dtype_of(self.config.dtype))
     if self.ngram_embedding is not None:
       x = self.ngram_embedding(input_ids, x, context=ngram_context,
                                segment_ids=segment_ids if ngram_context is None else None)

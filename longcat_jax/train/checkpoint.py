@@ -70,6 +70,9 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    # orbax 0.12's close() does not wait for the tmp-directory cleanup its constructor starts in a
+    # thread; a process that exits right after (a failed start) got a second traceback from it.
+    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     self.manager.close()
 
 

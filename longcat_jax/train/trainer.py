@@ -40,7 +40,7 @@ from longcat_jax.model.placement import LOCAL
 from longcat_jax.parallel import distributed, sharding
 from longcat_jax.parallel.placement import MeshPlacement
 from longcat_jax.train import config as config_lib
-from longcat_jax.train import growth, metrics as metrics_lib
+from longcat_jax.train import growth, init_from, metrics as metrics_lib
 from longcat_jax.train.checkpoint import Checkpointer, with_shardings
 from longcat_jax.train.step import (BATCH_KEYS, TrainState, abstract_train_state, init_train_state, make_optimizer,
                                     make_train_step, state_from_params)
@@ -140,11 +140,13 @@ def build(config, mesh: Mesh | None = None, *, rules=None) -> Program:
 
 
 def initial_state(program: Program, rng, log=_log) -> TrainState:
-  """Fresh state (created sharded), or a grown one when `config.init_from` names a trained run's
-  checkpoints."""
+  """Fresh state (created sharded), a released checkpoint's (`init_from="hf:DIR"`,
+  `train/init_from.py`), or a grown one when `config.init_from` names a trained run's checkpoints."""
   config = program.config
   if not config.init_from:
     return program.init(jnp.asarray(rng))
+  if init_from.is_hf(config.init_from):
+    return program.place(init_from.initial_state_from_hf(program.model.clone(placement=LOCAL), config, rng, log))
   src = Checkpointer(config.init_from, async_save=False)
   step = src.latest_step()
   if step is None:
@@ -176,6 +178,8 @@ def greedy_sample(model, params, expert_bias, prompt: list[int], num_tokens: int
 def run(config, workdir: str, *, progress: bool = True, log=_log, mesh: Mesh | None = None) -> dict:
   """Trains `config` in `workdir` (resuming if possible) on `mesh` (default `make_mesh(config)`,
   over every process's devices); returns a summary dict (with the final `state` and the `program`)."""
+  if init_from.is_hf(config.init_from):  # the model config is the checkpoint's
+    config = init_from.resolve_config(config, workdir, log)
   if config.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -203,7 +207,11 @@ def run(config, workdir: str, *, progress: bool = True, log=_log, mesh: Mesh | N
     it.set_state(data_state)
     log(f"resumed from {ckpt.directory} step {int(state.step)}")
   else:
-    state = initial_state(program, jax.random.PRNGKey(config.seed), log)
+    try:
+      state = initial_state(program, jax.random.PRNGKey(config.seed), log)
+    except BaseException:
+      ckpt.close()  # else orbax's threads print a second traceback at interpreter exit
+      raise
   start = int(state.step)
 
   tokenizer = load_tokenizer(store.meta.get("tokenizer", "byte"))

@@ -95,6 +95,42 @@ def test_first_step_loss_equals_transformers_and_loss_falls(run):
   assert origin["source"] == run["ckpt"] and "tokenizer.json" in origin["files"]
 
 
+def _two_processes(args, timeout=600):
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "train.py"), *args, "--cpu_devices=4",
+                             "--num_processes=2", f"--process_id={i}", f"--coordinator_address=127.0.0.1:{port}"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
+
+
+def test_same_finetune_on_an_expert_parallel_mesh_and_from_two_processes(run, tmp_path):
+  """The fine-tuning command with --config.mesh="fsdp=2,expert=4" (8 devices, in this process) and
+  from 2 processes x 4 devices (experiments/train.py) trains the module run's first steps."""
+  steps = 4
+  want = [m["loss"] for m in read_metrics(os.path.join(run["workdir"], "metrics.jsonl"))][:steps]
+  config = _finetune_config(run["ckpt"], run["store"])
+  config.total_steps, config.checkpoint_every, config.mesh = steps, steps, "fsdp=2,expert=4"
+  trainer.run(config, str(tmp_path / "ep"), progress=False, log=lambda *_: None)
+  np.testing.assert_allclose([m["loss"] for m in read_metrics(str(tmp_path / "ep"))], want, rtol=1e-5)
+  flags = [f"--config={os.path.join(ROOT, 'experiments', 'configs', 'finetune.py')}", f"--workdir={tmp_path / 'mp'}",
+           "--noprogress", f"--config.init_from=hf:{run['ckpt']}", f"--config.data.store={run['store']}",
+           "--config.data.num_threads=0", "--config.data.prefetch=0", "--config.model.dtype=float32",
+           f"--config.total_steps={steps}", f"--config.batch_size={BATCH}", f"--config.seq_len={SEQ}",
+           "--config.optimizer.lr=3e-3", "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=3",
+           "--config.loss.z_loss_weight=0", "--config.loss.balance_loss_weight=0", f"--config.checkpoint_every={steps}",
+           "--config.async_checkpoint=False", "--config.mesh=fsdp=2,expert=4"]
+  _two_processes(flags)
+  np.testing.assert_allclose([m["loss"] for m in read_metrics(str(tmp_path / "mp"))], want, rtol=1e-5)
+
+
 def test_non_assistant_targets_change_nothing(run):
   config = init_from.resolve_config(run["config"], log=lambda *_: None)
   model = lj.LongcatForCausalLM(config.model)

@@ -155,13 +155,21 @@ def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], hf: dict, file
     json.dump(hf, f)
 
 
-def release_tensors(hf: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-  """Random tensors of the release's names/shapes/dtypes (FP8 quantized when the config says so)."""
+def release_tensors(hf: dict, seed: int = 0, fast: bool = False) -> dict[str, torch.Tensor]:
+  """Random tensors of the release's names/shapes/dtypes (FP8 quantized when the config says so).
+  `fast`: windows at random offsets of one random pool (big checkpoints, quickly)."""
   g = torch.Generator().manual_seed(seed)
   quant = hf.get("quantization_config")
+  pool = (0.02 * torch.randn(1 << 22, generator=g)).to(torch.bfloat16) if fast else None
   out = {}
   for name, (shape, role) in release_shapes(hf).items():
-    w = torch.randn(shape, generator=g) * (0.02 if role != "norm" or len(shape) > 1 else 1.0)
+    if fast:
+      n = math.prod(shape)
+      start = int(torch.randint(0, pool.numel(), (1,), generator=g))
+      src = pool if n <= pool.numel() - start else pool.repeat(-(-(n + start) // pool.numel()))
+      w = src[start:start + n].reshape(shape)
+    else:
+      w = torch.randn(shape, generator=g) * (0.02 if role != "norm" or len(shape) > 1 else 1.0)
     if role == "norm" and len(shape) == 1:
       w = 1.0 + 0.1 * torch.randn(shape, generator=g)
     if role == "router":
@@ -176,19 +184,23 @@ def release_tensors(hf: dict, seed: int = 0) -> dict[str, torch.Tensor]:
   return out
 
 
-def make_release(root, kind: str, seed: int = 0, files: int = 3, **over) -> str:
+def make_release(root, kind: str, seed: int = 0, files: int = 3, fast: bool = False, **over) -> str:
   hf = release_config(kind, **over)
   path = os.path.join(str(root), kind)
-  write_checkpoint(path, release_tensors(hf, seed), hf, files)
+  write_checkpoint(path, release_tensors(hf, seed, fast), hf, files)
   return path
 
 
-def read_all(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of a checkpoint as raw bytes + dtype + shape (for bitwise comparisons)."""
-  from safetensors.torch import load_file
+def read_all(path: str) -> dict[str, tuple]:
+  """Every tensor of a checkpoint as (dtype, shape, sha256 of its bytes), read with safetensors.torch
+  (for bitwise comparisons)."""
+  import hashlib
+  from safetensors import safe_open
   out = {}
   for f in sorted(os.listdir(path)):
     if f.endswith(".safetensors"):
-      for k, t in load_file(os.path.join(path, f)).items():
-        out[k] = (str(t.dtype), tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+      with safe_open(os.path.join(path, f), "pt") as h:
+        for k in h.keys():
+          t = h.get_tensor(k).contiguous()
+          out[k] = (str(t.dtype), tuple(t.shape), hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest())
   return out

@@ -8,9 +8,10 @@ LongCat-2.0 names), BF16 or block-FP8, is read shard by shard:
 
 Each leaf is built per device from the safetensors byte ranges of that device's own layers,
 experts, rows and columns (`jax.make_array_from_single_device_arrays`), in chunks of at most
-`host_bytes / (2 * workers + 2)` bytes read by a thread pool and written into the device buffer in
-place, so host memory beyond the arrays stays around `host_bytes` (default: the largest stored
-tensor) and a process only reads what its addressable devices hold (multi-host). FP8 weights are
+`host_bytes / (3 * workers + window + local devices)` bytes read by a thread pool and written into
+the device buffers in place (one shard_map'd dynamic_update_slice per chunk for the whole mesh), so
+host memory beyond the arrays stays around `host_bytes` (default: half the largest stored tensor)
+plus XLA's compiled programs, and a process only reads what its addressable devices hold. FP8 weights are
 dequantized chunk by chunk. Without a mesh every leaf lands whole on the default device.
 
 `save_pretrained` writes tensor by tensor from the shards (never a whole stacked leaf on a host):
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
+import functools
 import itertools
 import json
 import math
@@ -184,7 +187,9 @@ def _jax_to_hf(x: np.ndarray, leaf: Leaf) -> np.ndarray:
 
 def _chunks(box, order, itemsize: int, limit: int):
   """Splits a box (list of (start, stop)) into sub-boxes of at most `limit` bytes, cutting along the
-  axes of `order` (outermost first); the other axes stay whole."""
+  axes of `order` (outermost first); the other axes stay whole. All chunks of a box have one shape
+  (the last one is moved back to end at the box's end, overlapping its neighbour), so the in-place
+  device update compiles once per leaf."""
   ext = [b - a for a, b in box]
   size = math.prod(e for i, e in enumerate(ext) if i not in order) * itemsize
   k = len(order)
@@ -195,13 +200,14 @@ def _chunks(box, order, itemsize: int, limit: int):
     yield list(box)
     return
   split, outer = order[k - 1], order[:k - 1]
-  step = max(1, limit // max(size, 1))
+  lo, hi = box[split]
+  step = min(max(1, limit // max(size, 1)), hi - lo)
   for idx in itertools.product(*[range(*box[a]) for a in outer]):
-    for s in range(box[split][0], box[split][1], step):
+    for s in range(lo, hi, step):
       b = list(box)
       for a, i in zip(outer, idx):
         b[a] = (i, i + 1)
-      b[split] = (s, min(s + step, box[split][1]))
+      b[split] = (min(s, hi - step), min(s, hi - step) + step)
       yield b
 
 
@@ -212,21 +218,25 @@ def _chunks(box, order, itemsize: int, limit: int):
 class _Reader:
   """Reads JAX boxes of leaves from a checkpoint (FP8 dequantized on the fly)."""
 
-  def __init__(self, files: CheckpointFiles, c: ConfigDict):
-    self.files, self.c, self.block = files, c, _quant_block(c) or DEFAULT_BLOCK
+  def __init__(self, files: CheckpointFiles, c: ConfigDict, limit: int):
+    self.files, self.c, self.block, self.limit = files, c, _quant_block(c) or DEFAULT_BLOCK, limit
 
   def hf_block(self, key: str, ranges, dtype) -> np.ndarray:
-    """HF rows/cols `ranges` of tensor `key`, as `dtype` (columns sliced after a row read)."""
+    """HF rows/cols `ranges` of tensor `key`, as `dtype`. A column range is cut from whole rows read
+    `limit` bytes at a time, so a column-split shard never holds more than that of its tensor."""
     t = self.files.info(key)
     (r0, r1) = ranges[0]
-    raw = self.files.read_rows(key, r0, r1)
-    if len(ranges) == 2:
-      c0, c1 = ranges[1]
-      raw = raw[:, c0:c1]
-      if t.dtype == fp8.E4M3:
-        scale = self.files.read(key + fp8.SCALE_SUFFIX)
-        return fp8.dequantize(raw, scale, (r0, r1), (c0, c1), self.block, dtype)
-    return raw
+    if len(ranges) == 1 or (ranges[1][0] == 0 and ranges[1][1] == t.shape[1] and t.dtype != fp8.E4M3):
+      return self.files.read_rows(key, r0, r1)
+    c0, c1 = ranges[1]
+    scale = self.files.read(key + fp8.SCALE_SUFFIX) if t.dtype == fp8.E4M3 else None
+    out = np.empty((r1 - r0, c1 - c0), dtype if scale is not None else t.dtype)
+    step = max(1, self.limit // max(1, t.shape[1] * t.dtype.itemsize))
+    for a in range(r0, r1, step):
+      b = min(a + step, r1)
+      raw = self.files.read_rows(key, a, b)[:, c0:c1]
+      out[a - r0:b - r0] = raw if scale is None else fp8.dequantize(raw, scale, (a, b), (c0, c1), self.block, dtype)
+    return out
 
   def box(self, leaf: Leaf, key: str, slice_shape, box, dtype) -> np.ndarray:
     """The JAX slice box of one HF tensor (a view or a small temporary)."""
@@ -256,51 +266,88 @@ class _Reader:
     return out
 
 
-def _update(buf, x, starts):
-  return lax.dynamic_update_slice(buf, x, starts)
-
-
-_update_jit = jax.jit(_update, donate_argnums=0)
+@functools.lru_cache(maxsize=None)
+def _update_fn(sharding):
+  """(buf, update, starts [ndim]) -> buf with every device's shard updated in place by its own
+  piece of `update` at `starts` (shard-relative): one program for the whole mesh."""
+  def dus(buf, x, starts):
+    return lax.dynamic_update_slice(buf, x, tuple(starts[i] for i in range(buf.ndim)))
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    P = jax.sharding.PartitionSpec
+    dus = jax.shard_map(dus, mesh=sharding.mesh, in_specs=(sharding.spec, sharding.spec, P()),
+                        out_specs=sharding.spec)
+  return jax.jit(dus, donate_argnums=0, out_shardings=sharding)
 
 
 def _load_leaf(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, limit: int, window: int):
-  """One leaf as a jax.Array with `sharding`, built from this process's addressable shards only."""
-  index_map = sharding.addressable_devices_indices_map(tuple(shape))
+  """One leaf as a jax.Array with `sharding`, built from this process's addressable shards only.
+
+  A shard that fits in `limit` bytes is read whole and placed; a bigger one is filled chunk by
+  chunk in place (every device its own chunk k at once, `_update_fn`). Every process runs the
+  same sequence of programs (chunking depends on the shard shape only)."""
+  shape = tuple(shape)
+  index_map = sharding.addressable_devices_indices_map(shape)
   boxes = collections.defaultdict(list)       # distinct box -> devices holding it (replicas)
   for dev, idx in index_map.items():
-    box = tuple(s.indices(n)[:2] for s, n in zip(idx, shape))
-    boxes[box].append(dev)
+    boxes[tuple(s.indices(n)[:2] for s, n in zip(idx, shape))].append(dev)
+  shard_shape = tuple(sharding.shard_shape(shape))
   order = list(range(leaf.lead)) + [leaf.lead + leaf.hf_axes[0][0]]
-  itemsize = np.dtype(dtype).itemsize
-  tasks = [(box, ch) for box in boxes for ch in _chunks(list(box), order, itemsize, limit)]
-  per_box = collections.Counter(b for b, _ in tasks)
-  singles = {box for box in boxes if per_box[box] == 1}
-  arrays = {}
-  for box in boxes:
-    if box not in singles:
-      ext = tuple(b - a for a, b in box)
-      for d in boxes[box]:
-        arrays[d] = jnp.zeros(ext, dtype, device=d)
-  pending = collections.deque()
-  it = iter(tasks)
+  rel_chunks = list(_chunks([(0, n) for n in shard_shape], order, np.dtype(dtype).itemsize, limit))
+  tasks = [(k, box) for k in range(len(rel_chunks)) for box in boxes]
+  pending, it = collections.deque(), iter(tasks)
 
   def submit():
-    for box, ch in itertools.islice(it, window - len(pending)):
-      pending.append((box, ch, pool.submit(reader.chunk, leaf, shape, ch, dtype)))
+    for k, box in itertools.islice(it, window - len(pending)):
+      ch = [(b[0] + r0, b[0] + r1) for b, (r0, r1) in zip(box, rel_chunks[k])]
+      pending.append((k, box, pool.submit(reader.chunk, leaf, shape, ch, dtype)))
 
   submit()
-  while pending:
-    box, ch, fut = pending.popleft()
-    host = fut.result()
-    submit()
-    for d in boxes[box]:
-      if box in singles:
+  if len(rel_chunks) == 1:
+    arrays = {}
+    while pending:
+      _, box, fut = pending.popleft()
+      host = fut.result()
+      submit()
+      for d in boxes[box]:
         arrays[d] = jax.device_put(host, d)
-      else:
-        starts = tuple(np.int32(c[0] - b[0]) for c, b in zip(ch, box))
-        arrays[d] = _update_jit(arrays[d], jax.device_put(host, d), starts)
-    del host
-  return jax.make_array_from_single_device_arrays(tuple(shape), sharding, [arrays[d] for d in index_map])
+    return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in index_map])
+  # The starting buffers: zeros per device (untouched pages until written; no compiled program).
+  buf = jax.make_array_from_single_device_arrays(
+      shape, sharding, [jax.device_put(np.zeros(shard_shape, dtype), d) for d in index_map])
+  update = _update_fn(sharding)
+  chunk_shape = tuple(b - a for a, b in rel_chunks[0])
+  global_chunk = tuple(c * (n // s) for c, n, s in zip(chunk_shape, shape, shard_shape))
+  for k, rel in enumerate(rel_chunks):
+    pieces = {}
+    for _ in boxes:
+      _, box, fut = pending.popleft()
+      host = fut.result()
+      submit()
+      for d in boxes[box]:
+        pieces[d] = jax.device_put(host, d)
+      del host
+    x = jax.make_array_from_single_device_arrays(global_chunk, sharding, [pieces[d] for d in index_map])
+    buf = update(buf, x, np.asarray([r[0] for r in rel], np.int32))
+    jax.block_until_ready(buf)   # bounds the chunks in flight (async dispatch would queue them all)
+  return buf
+
+
+def _release_freed_memory() -> None:
+  """Returns freed heap memory to the OS (glibc keeps the chunk buffers of a leaf, sized below its
+  adaptive mmap threshold, in its arenas; without this the next leaf's chunks fragment them)."""
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)
+
+
+def _libc():
+  try:
+    lib = ctypes.CDLL("libc.so.6")
+    return lib if hasattr(lib, "malloc_trim") else None
+  except OSError:  # not glibc (macOS, musl)
+    return None
+
+
+_LIBC = _libc()
 
 
 def load_pretrained(path: str, dtype=None, *, mesh=None, shardings=None, rules=sharding_lib.LOGICAL_AXIS_RULES,
@@ -313,7 +360,8 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, shardings=None, rules=s
   weights are dequantized to it; router weights and the expert bias always stay float32.
   With `mesh` every leaf is sharded by the logical-axis table (`sharding.variable_shardings(model,
   mesh, rules)`); `shardings` (a tree like `variables`) overrides that; neither: the default device.
-  `host_bytes` bounds the host memory in flight (default: the largest stored tensor, >= 8 MiB);
+  `host_bytes` bounds the host memory in flight (default: half the largest stored tensor, >= 8 MiB;
+  XLA's compiled update programs add a fixed few tens of MiB);
   `max_workers` the reading threads. `model.mtp.*` tensors load into params['mtp'] when config.json
   has MTP layers (else they are left aside: `read_mtp_tensors`).
   """
@@ -347,17 +395,21 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, shardings=None, rules=s
       shardings = jax.tree.map(lambda _: one, shapes)
   largest = max(files.info(k).nbytes for k in wanted)
   workers = _workers(max_workers)
-  budget = host_bytes or max(largest, 8 << 20)
-  limit = max(budget // (2 * workers + 2), 1 << 16)
-  reader = _Reader(files, c)
+  window = workers + 2
+  budget = host_bytes or max(largest // 2, 8 << 20)
+  # In flight: each reading thread holds ~3 chunks (row block, HF block, chunk), finished reads
+  # wait in the window, one chunk per local device is being placed. Same on every process.
+  limit = max(budget // (3 * workers + window + jax.local_device_count()), 1 << 16)
+  reader = _Reader(files, c, limit)
   variables = {}
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for leaf in leaves:
       target = _get(shapes[leaf.collection], leaf.path)
       dt = np.float32 if leaf.float32 else jnp.dtype(name)
       arr = _load_leaf(reader, leaf, target.shape, dt, _get(shardings[leaf.collection], leaf.path), pool, limit,
-                       window=2 * workers)
+                       window=window)
       _set(variables.setdefault(leaf.collection, {}), leaf.path, arr)
+      _release_freed_memory()
   files.close()
   return model, variables
 

@@ -167,7 +167,7 @@ def release_tensors(hf: dict, seed: int = 0, fast: bool = False) -> dict[str, to
       n = math.prod(shape)
       start = int(torch.randint(0, pool.numel(), (1,), generator=g))
       src = pool if n <= pool.numel() - start else pool.repeat(-(-(n + start) // pool.numel()))
-      w = src[start:start + n].reshape(shape)
+      w = src[start:start + n].reshape(shape).clone()
     else:
       w = torch.randn(shape, generator=g) * (0.02 if role != "norm" or len(shape) > 1 else 1.0)
     if role == "norm" and len(shape) == 1:

@@ -182,9 +182,13 @@ if __name__ != "__main__":
           "--save", str(tmp_path / "saved2"), "--process-id", "{i}", "--num-processes", "2", "--port", str(port)],
          n=2)
     two = [json.load(open(tmp_path / f"p{i}.json")) for i in range(2)]
+    print(f"largest {largest / 2**20:.0f} MiB; one process {one}; two processes {two}")
     for r in two:
       assert r["devices"] == 4
-      assert r["load_peak"] < 0.65 * one["load_peak"], (r, one)
+      assert r["held"] == one["held"] // 2, (r, one)                  # each holds half the shards
+      # About half the single-process peak: the arrays halve, the transients (< 2x the largest
+      # tensor) and XLA's fixed per-process cost do not (measured 0.62-0.65 here).
+      assert r["load_peak"] < 0.7 * one["load_peak"], (r, one)
       assert r["load_peak"] - r["held"] < 2 * largest, (r, largest)
     assert a == read_all(str(tmp_path / "saved2"))
     # The two processes' pieces form the single-process load's global values.

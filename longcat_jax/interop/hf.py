@@ -271,7 +271,11 @@ def _update_fn(sharding):
   """(buf, update, starts [ndim]) -> buf with every device's shard updated in place by its own
   piece of `update` at `starts` (shard-relative): one program for the whole mesh."""
   def dus(buf, x, starts):
-    return lax.dynamic_update_slice(buf, x, tuple(starts[i] for i in range(buf.ndim)))
+    st = tuple(starts[i] for i in range(buf.ndim))
+    if buf.dtype.itemsize == 2:  # XLA:CPU widens a bf16/f16 update to f32 (a whole-buffer pass); bits are bits
+      u = lax.dynamic_update_slice(lax.bitcast_convert_type(buf, jnp.uint16), lax.bitcast_convert_type(x, jnp.uint16), st)
+      return lax.bitcast_convert_type(u, buf.dtype)
+    return lax.dynamic_update_slice(buf, x, st)
   if isinstance(sharding, jax.sharding.NamedSharding):
     P = jax.sharding.PartitionSpec
     dus = jax.shard_map(dus, mesh=sharding.mesh, in_specs=(sharding.spec, sharding.spec, P()),
@@ -317,6 +321,7 @@ def _load_leaf(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, limit:
   update = _update_fn(sharding)
   chunk_shape = tuple(b - a for a, b in rel_chunks[0])
   global_chunk = tuple(c * (n // s) for c, n, s in zip(chunk_shape, shape, shard_shape))
+  previous = None
   for k, rel in enumerate(rel_chunks):
     pieces = {}
     for _ in boxes:
@@ -327,8 +332,9 @@ def _load_leaf(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, limit:
         pieces[d] = jax.device_put(host, d)
       del host
     x = jax.make_array_from_single_device_arrays(global_chunk, sharding, [pieces[d] for d in index_map])
-    buf = update(buf, x, np.asarray([r[0] for r in rel], np.int32))
-    jax.block_until_ready(buf)   # bounds the chunks in flight (async dispatch would queue them all)
+    if previous is not None:   # one update in flight: async dispatch would otherwise queue every chunk
+      jax.block_until_ready(previous)
+    buf = previous = update(buf, x, np.asarray([r[0] for r in rel], np.int32))
   return buf
 
 

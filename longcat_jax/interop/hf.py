@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 
 from longcat_jax import config as config_lib
 from longcat_jax.config import ConfigDict
@@ -508,7 +509,9 @@ def _shard_boxes(arr, shape):
       yield [sl.indices(n)[:2] for sl, n in zip(s.index, shape)], s.data
 
 
-def _write_leaf(arr, leaf: Leaf, c: ConfigDict, where, fds, stored, scales, limit):
+def _write_leaf(arr, leaf: Leaf, where, fds, block, scales, limit: int) -> None:
+  """One leaf's HF tensors into their files, from the shards this process owns, chunk by chunk
+  (at most `limit` bytes of a shard on the host at a time)."""
   shape = tuple(arr.shape)
   slice_shape = shape[leaf.lead:]
   order = list(range(leaf.lead)) + [leaf.lead + leaf.hf_axes[0][0]]
@@ -533,7 +536,7 @@ def _write_leaf(arr, leaf: Leaf, c: ConfigDict, where, fds, stored, scales, limi
             continue
         fname, t = where[key]
         if t.dtype == fp8.E4M3:
-          x = fp8.quantize(x, scales[key], rng[0], rng[1], stored["block"])
+          x = fp8.quantize(x, scales[key], rng[0], rng[1], block)
         else:
           x = x.astype(t.dtype, copy=False)
         _write_box(fds[fname], t, rng, x)
@@ -541,7 +544,6 @@ def _write_leaf(arr, leaf: Leaf, c: ConfigDict, where, fds, stored, scales, limi
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-process only)
     multihost_utils.sync_global_devices(name)
 
 
@@ -676,14 +678,14 @@ def _write_tensors(variables, leaves, c, where, fds, fp8_keys, block, fp8_scales
         for _, key in inst:
           fname, t = where[key + fp8.SCALE_SUFFIX]
           pwrite_all(fds[fname], np.ascontiguousarray(scales[key], np.float32), t.offset)
-    _write_leaf(arr, leaf, c, where, fds, {"block": block}, scales, max(host_bytes // 4, 1 << 16))
+    _write_leaf(arr, leaf, where, fds, block, scales, max(host_bytes // 4, 1 << 16))
 
 
 def _write_copy(arr, leaf, target, fds, host_bytes):
   """A second copy of a leaf under another name (the MTP embedding), from the shards."""
   fname, t = target
   where = {leaf.hf_key: (fname, t)}
-  _write_leaf(arr if isinstance(arr, jax.Array) else jnp.asarray(arr), leaf, None, where, fds, {}, {},
+  _write_leaf(arr if isinstance(arr, jax.Array) else jnp.asarray(arr), leaf, where, fds, None, {},
               max(host_bytes // 4, 1 << 16))
 
 

@@ -27,20 +27,33 @@ def scale_shape(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, in
   return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
 
 
+def _per_row_block(rows: tuple[int, int], cols: tuple[int, int], scale: np.ndarray, block):
+  """(local row slice, per-column scales [c1 - c0]) for each block row that rows [r0, r1) touch."""
+  (r0, r1), (c0, c1) = rows, cols
+  for bi in range(r0 // block[0], -(-r1 // block[0])):
+    a, b = max(r0, bi * block[0]), min(r1, (bi + 1) * block[0])
+    col_scales = np.repeat(scale[bi].astype(np.float32), block[1])[c0:c1]
+    yield slice(a - r0, b - r0), col_scales
+
+
 def expand_scales(scale: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], block) -> np.ndarray:
   """The per-element scales of rows [r0, r1) x cols [c0, c1): [r1 - r0, c1 - c0] float32."""
-  (r0, r1), (c0, c1) = rows, cols
-  bi = np.arange(r0, r1) // block[0]
-  bj = np.arange(c0, c1) // block[1]
-  return scale[bi[:, None], bj[None, :]].astype(np.float32)
+  out = np.empty((rows[1] - rows[0], cols[1] - cols[0]), np.float32)
+  for sl, cs in _per_row_block(rows, cols, scale, block):
+    out[sl] = cs
+  return out
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], block,
                dtype) -> np.ndarray:
-  """q [r1 - r0, c1 - c0] (e4m3, the stored rows/cols of a weight) -> `dtype`, computed in float32."""
-  w = q.astype(np.float32)
-  w *= expand_scales(scale, rows, cols, block)
-  return w.astype(dtype, copy=False)
+  """q [r1 - r0, c1 - c0] (e4m3, the stored rows/cols of a weight) -> `dtype`, computed in float32
+  one block row at a time (no full-size scale array)."""
+  out = np.empty(q.shape, dtype)
+  for sl, cs in _per_row_block(rows, cols, scale, block):
+    w = q[sl].astype(np.float32)
+    w *= cs
+    out[sl] = w
+  return out
 
 
 def block_scales(w: np.ndarray, block) -> np.ndarray:
@@ -53,8 +66,12 @@ def block_scales(w: np.ndarray, block) -> np.ndarray:
 
 
 def quantize(w: np.ndarray, scale: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], block) -> np.ndarray:
-  """Rows/cols of a weight -> e4m3 with the given scales (values beyond 448 s saturate)."""
-  s = expand_scales(scale, rows, cols, block)
-  x = np.divide(w.astype(np.float32), s, out=np.zeros(s.shape, np.float32), where=s > 0)
-  np.clip(x, -E4M3_MAX, E4M3_MAX, out=x)
-  return x.astype(E4M3)
+  """Rows/cols of a weight -> e4m3 with the given scales (values beyond 448 s saturate; a zero
+  scale gives 0)."""
+  out = np.empty(w.shape, E4M3)
+  for sl, cs in _per_row_block(rows, cols, scale, block):
+    x = np.divide(w[sl].astype(np.float32), cs, out=np.zeros((sl.stop - sl.start, cs.size), np.float32),
+                  where=cs > 0)
+    np.clip(x, -E4M3_MAX, E4M3_MAX, out=x)
+    out[sl] = x.astype(E4M3)
+  return out

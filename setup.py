@@ -16,6 +16,7 @@ setup(
         "ml_collections>=1.0",
         "tensorstore>=0.1.80",
         "safetensors>=0.6",
+        "ml_dtypes>=0.5",              # float8_e4m3fn / bfloat16 safetensors I/O (interop)
         "grain>=0.2.18,<0.3",
         "tokenizers>=0.21",
         "tqdm",

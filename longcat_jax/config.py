@@ -73,6 +73,10 @@ def base_config() -> ConfigDict:
   c.remat = "none"                  # none | full | save_dots | save_moe.
   c.attention_block_q = 512         # flash-attention block sizes (Pallas / chunked paths).
   c.attention_block_k = 512
+  # How the checkpoint this config came from was stored (set by `from_hf_config` and the loader;
+  # None = derived from the features): architecture, model_type, quantization_config, rope type
+  # name, per-tensor stored dtypes. `save_pretrained` writes the same layout back.
+  c.hf_format = None
   return c
 
 
@@ -192,14 +196,26 @@ _HF_ALIASES = {"num_local_experts": "n_routed_experts", "num_experts_per_tok": "
                "intermediate_size": "ffn_hidden_size", "moe_intermediate_size": "expert_ffn_hidden_size"}
 
 
+ARCHITECTURES = ("LongcatFlashForCausalLM", "LongcatFlashNgramForCausalLM", "LongcatCausalLM")
+ROPE_YARN_NAMES = ("yarn", "deepseek_yarn")   # LongCat-Flash-Thinking-2601 / 2.0: same math as YaRN
+
+
 def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
-  """Builds a ConfigDict from a parsed HF `config.json` (LongCat-Flash or -Lite)."""
+  """Builds a ConfigDict from a parsed HF `config.json`, as the releases ship it (spec section 4b):
+  `architectures` tells Flash / Flash-Lite (n-gram) / LongCat-2.0 apart (`model_type` is often
+  absent), `rope_scaling.rope_type` may be `deepseek_yarn`, `quantization_config` is kept for the
+  writer. Raises ValueError naming the field."""
   hf = dict(hf)
   for alias, name in _HF_ALIASES.items():
     if alias in hf and name not in hf:
       hf[name] = hf[alias]
+  archs = hf.get("architectures") or []
+  arch = archs[0] if archs else None
+  if arch is not None and arch not in ARCHITECTURES:
+    raise ValueError(f"config.json: architectures {archs!r} names no LongCat model this package knows "
+                     f"(known: {list(ARCHITECTURES)})")
   c = base_config()
-  c.name = hf.get("_name_or_path") or hf.get("model_type", "hf")
+  c.name = hf.get("_name_or_path") or hf.get("model_type") or arch or "hf"
   for ours, theirs in _HF_FIELDS.items():
     if theirs in hf and hf[theirs] is not None:
       v = hf[theirs]
@@ -215,9 +231,11 @@ def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
   if theta is not None:
     c.rope_theta = float(theta)
   scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+  rope_name = None
   if scaling:
     s = dict(scaling)
-    s["type"] = s.pop("rope_type", s.get("type"))
+    rope_name = s.pop("rope_type", s.get("type"))
+    s["type"] = "yarn" if rope_name in ROPE_YARN_NAMES else rope_name
     s.pop("rope_theta", None)
     c.rope_scaling = s
   head_dim = hf.get("head_dim")
@@ -233,9 +251,26 @@ def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
   c.mtp_num_heads = int(hf.get("mtp_num_layers") or hf.get("num_nextn_predict_layers", 0) or 0)
   c.target_ffn_experts = min(c.target_ffn_experts, float(c.top_k))
   c.moe_block_size = min(c.moe_block_size, 64)
+  quant = hf.get("quantization_config")
+  if quant is not None:
+    _check_quantization(quant)
+  c.hf_format = dict(architecture=arch, model_type=hf.get("model_type"), rope_type=rope_name,
+                     quantization=dict(quant) if quant else None,
+                     router_dtype=hf.get("rounter_params_dtype", hf.get("router_dtype")))
   for k, v in overrides.items():
     c[k] = v
   return c
+
+
+def _check_quantization(q: dict) -> None:
+  """Only block-wise e4m3 FP8 (the LongCat FP8 releases) is read."""
+  method, fmt = q.get("quant_method"), q.get("fmt", "e4m3")
+  if method != "fp8" or fmt != "e4m3":
+    raise ValueError(f"config.json: quantization_config quant_method={method!r} fmt={fmt!r} is not supported "
+                     "(only quant_method 'fp8', fmt 'e4m3', block-wise)")
+  block = q.get("weight_block_size")
+  if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    raise ValueError(f"config.json: quantization_config weight_block_size={block!r} must be two positive integers")
 
 
 def _from_hf_longcat2(c: ConfigDict, hf: dict) -> None:
@@ -244,7 +279,11 @@ def _from_hf_longcat2(c: ConfigDict, hf: dict) -> None:
   if hf.get("oe_vocab_size_ratio") and hf.get("use_oe_embedding", True) is not False and c.ngram_embedding is None:
     c.ngram_embedding = dict(vocab_size_ratio=hf["oe_vocab_size_ratio"], neighbor_num=hf.get("oe_neighbor_num", 5),
                              split_num=hf.get("oe_split_num", 4))
-  if hf.get("use_longcat_dsa"):
+  # LongCat-2.0's config.json has the index_* fields but no `use_longcat_dsa` switch.
+  dsa = hf.get("use_longcat_dsa")
+  if dsa is None:
+    dsa = hf.get("index_topk") is not None and hf.get("index_n_heads") is not None
+  if dsa:
     if hf.get("index_k_norm_type", "rms") != "rms":
       raise ValueError(f"config.json: index_k_norm_type={hf['index_k_norm_type']!r} is not supported (only 'rms')")
     if hf.get("cli_factor", 2) != 2:
@@ -255,9 +294,20 @@ def _from_hf_longcat2(c: ConfigDict, hf: dict) -> None:
                               local_tokens=int(hf.get("index_local_tokens") or 0))
 
 
+def hf_architecture(c: ConfigDict) -> str:
+  """The `architectures` name a config is saved as: the one it was loaded from, else by features."""
+  fmt = c.get("hf_format")
+  if fmt is not None and fmt.get("architecture"):
+    return fmt["architecture"]
+  return "LongcatFlashNgramForCausalLM" if c.ngram_embedding is not None else "LongcatFlashForCausalLM"
+
+
 def to_hf_config(c: ConfigDict) -> dict:
-  """The HF `config.json` dict that `transformers.LongcatFlashForCausalLM` loads."""
-  hf = {"architectures": ["LongcatFlashForCausalLM"], "model_type": "longcat_flash",
+  """The HF `config.json` dict, in the style of the release the config came from (`hf_format`);
+  a fresh config gives the dict `transformers.LongcatFlashForCausalLM` loads."""
+  fmt = c.get("hf_format") or {}
+  arch = hf_architecture(c)
+  hf = {"architectures": [arch], "model_type": "longcat_flash",
         "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
         "head_dim": c.qk_rope_head_dim, "qk_head_dim": qk_head_dim(c),
         "num_key_value_heads": c.num_heads, "use_cache": True,
@@ -265,23 +315,40 @@ def to_hf_config(c: ConfigDict) -> dict:
   for ours, theirs in _HF_FIELDS.items():
     hf[theirs] = c[ours]
   rope = {"rope_theta": float(c.rope_theta), "rope_type": "default"}
+  rope_name = fmt.get("rope_type")
   if c.rope_scaling is not None:
     s = dict(c.rope_scaling)
     rope.update({k: v for k, v in s.items() if k != "type"})
-    rope["rope_type"] = s.get("type", "yarn")
-  hf["rope_parameters"] = rope
+    rope["rope_type"] = rope_name if rope_name in ROPE_YARN_NAMES else s.get("type", "yarn")
+  if rope_name == "deepseek_yarn":  # the Thinking-2601 / 2.0 style: rope_theta + rope_scaling
+    hf["rope_theta"] = rope.pop("rope_theta")
+    hf["rope_scaling"] = rope
+  else:
+    hf["rope_parameters"] = rope
   if c.mtp_num_heads:
     hf["num_nextn_predict_layers"] = int(c.mtp_num_heads)
   if c.ngram_embedding is not None:
-    hf["model_type"] = "longcat_flash_ngram"
-    hf["ngram_vocab_size_ratio"] = c.ngram_embedding["vocab_size_ratio"]
-    hf["emb_neighbor_num"] = c.ngram_embedding["neighbor_num"]
-    hf["emb_split_num"] = c.ngram_embedding["split_num"]
+    g = c.ngram_embedding
+    if arch == "LongcatCausalLM":
+      hf.update(oe_vocab_size_ratio=g["vocab_size_ratio"], oe_neighbor_num=g["neighbor_num"],
+                oe_split_num=g["split_num"])
+    else:
+      hf["model_type"] = "longcat_flash_ngram"
+      hf.update(ngram_vocab_size_ratio=g["vocab_size_ratio"], emb_neighbor_num=g["neighbor_num"],
+                emb_split_num=g["split_num"])
   if c.sparse_attention is not None:
     s = c.sparse_attention
-    hf.update(use_longcat_dsa=True, index_n_heads=s["index_heads"], index_head_dim=s["index_dim"],
+    hf.update(index_n_heads=s["index_heads"], index_head_dim=s["index_dim"],
               index_topk=s["top_k"], index_init_tokens=s.get("init_tokens", 0),
               index_local_tokens=s.get("local_tokens", 0), index_k_norm_type="rms", cli_factor=2)
+    if arch != "LongcatCausalLM":
+      hf["use_longcat_dsa"] = True
+  if arch == "LongcatCausalLM" and c.mtp_num_heads:
+    hf["mtp_num_layers"] = int(c.mtp_num_heads)
+  if fmt.get("architecture") and fmt.get("model_type") is None:
+    hf.pop("model_type")  # as released (Thinking-2601, 2.0)
+  if fmt.get("router_dtype") is not None:
+    hf["rounter_params_dtype"] = fmt["router_dtype"]
   return hf
 
 

@@ -185,7 +185,7 @@ def test_failed_save_keeps_previous_checkpoint(saved_references, tmp_path, monke
   def boom(*a, **k):
     raise OSError("disk full")
 
-  monkeypatch.setattr(hf_mod, "save_file", boom)
+  monkeypatch.setattr(hf_mod, "pwrite_all", boom)
   with pytest.raises(OSError):
     lj.save_pretrained(out, model, variables)
   assert sorted(os.listdir(out)) == before

@@ -1,259 +1,73 @@
-"""Hugging Face checkpoint interop: `load_pretrained` / `save_pretrained` (spec section 7).
+"""Hugging Face checkpoint interop: `load_pretrained` / `save_pretrained` (spec sections 4b, 7).
 
-Keys follow `transformers.LongcatFlashForCausalLM` (PyTorch [out, in] layout, one tensor per
-expert). Loading is lazy: one stacked JAX leaf at a time is assembled from safetensors slices, so
-host memory peaks at the largest stacked tensor plus the result. Every problem (unknown key,
-missing tensor, wrong shape, truncated/corrupt file) is a `CheckpointError` naming the file and
-the tensor.
+Every released LongCat layout (`layouts.LAYOUTS`: Flash, Flash-FP8, Thinking-2601, Flash-Lite,
+LongCat-2.0 names), BF16 or block-FP8, is read shard by shard:
+
+    mesh = sharding.make_mesh(sharding.parallel_config(mesh=dict(fsdp=2, expert=4)))
+    model, variables = load_pretrained(path, jnp.bfloat16, mesh=mesh)   # leaves already sharded
+
+Each leaf is built per device from the safetensors byte ranges of that device's own layers,
+experts, rows and columns (`jax.make_array_from_single_device_arrays`), in chunks of at most
+`host_bytes / (3 * workers + window + local devices)` bytes read by a thread pool and written into
+the device buffers in place (one shard_map'd dynamic_update_slice per chunk for the whole mesh), so
+host memory beyond the arrays stays around `host_bytes` (default: half the largest stored tensor)
+plus XLA's compiled programs, and a process only reads what its addressable devices hold. FP8 weights are
+dequantized chunk by chunk. Without a mesh every leaf lands whole on the default device.
+
+`save_pretrained` writes tensor by tensor from the shards (never a whole stacked leaf on a host):
+the header of every file is computed first, then each process writes the bytes of the shards it
+owns (`replica_id == 0`) at their offsets; process 0 writes headers, index and config.
+
+Every problem is a `CheckpointError` naming the file and the tensor.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import concurrent.futures
+import ctypes
+import functools
+import itertools
 import json
+import math
 import os
-import re
+import shutil
 import warnings
-from typing import Callable, Iterator
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from jax import lax
+from jax.experimental import multihost_utils
 
 from longcat_jax import config as config_lib
-from longcat_jax.config import ConfigDict, qk_head_dim
-from longcat_jax.model import EXPERT_BIAS, LongcatForCausalLM, ngram
-from longcat_jax.model.sparse_attention import sparse_settings
+from longcat_jax.config import ConfigDict
+from longcat_jax.interop import fp8, layouts
+from longcat_jax.interop.layouts import MTP_EMBED_KEY, Leaf
+from longcat_jax.interop.safetensors_io import (INDEX_NAME, CheckpointError, CheckpointFiles, TensorInfo,
+                                                plan_files, pwrite_all)
+from longcat_jax.model import EXPERT_BIAS, LongcatForCausalLM
+from longcat_jax.model.placement import LOCAL
+from longcat_jax.parallel import sharding as sharding_lib
+from longcat_jax.parallel.placement import MeshPlacement
 
 CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+DEFAULT_BLOCK = (128, 128)
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(DEFAULT_BLOCK),
+              "activation_scheme": "dynamic"}
 
-# Keys that are understood but not part of the main model's variables.
-_ASIDE = re.compile(r"^model\.mtp\.")
-_IGNORED = re.compile(r"(rotary_emb\.(inv_freq|original_inv_freq)$)")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint problem, naming the file and the tensor."""
+_ASIDE = ("model.mtp.",)          # MTP tensors when the config has no MTP head: kept aside
+_IGNORED = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
 
 
-# ---------------------------------------------------------------------------------------------
-# The key map: each JAX leaf is built from HF tensors; the transform maps one HF tensor
-# (numpy, [out, in]) to one JAX slice.
-
-
-@dataclasses.dataclass(frozen=True)
-class Leaf:
-  collection: str
-  path: tuple[str, ...]
-  hf_key: str                      # template with {l} (layer) and/or {e} (expert) fields
-  to_jax: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
-  per_layer: bool = False
-  per_expert: bool = False
-
-
-def _t(x):
-  return np.ascontiguousarray(x.T)
-
-
-def _ident(x):
-  return x
-
-
-def _leaves(c: ConfigDict) -> list[Leaf]:
-  nh, qk, v, r = c.num_heads, qk_head_dim(c), c.v_head_dim, c.kv_lora_rank
-  kvd = c.qk_nope_head_dim + v
-  heads_in = lambda d: (lambda w: _t(w).reshape(w.shape[1], nh, d))          # [nh*d, in] -> [in, nh, d]
-  heads_out = lambda d: (lambda w: w.reshape(w.shape[0], -1).T.copy())        # [in, nh, d] -> [nh*d, in]
-  o_in = lambda w: _t(w).reshape(nh, v, w.shape[0])                           # [H, nh*v] -> [nh, v, H]
-  o_out = lambda w: w.reshape(nh * v, -1).T.copy()
-  leaves = [
-      Leaf("params", ("embed_tokens",), "model.embed_tokens.weight", _ident, _ident),
-      Leaf("params", ("final_norm", "scale"), "model.norm.weight", _ident, _ident),
-  ]
-  if not c.tie_word_embeddings:
-    leaves.append(Leaf("params", ("lm_head",), "lm_head.weight", _t, _t))
-  if c.ngram_embedding is not None:
-    leaves += _ngram_leaves(c)
-  if c.sparse_attention is not None:
-    leaves += _indexer_leaves(c)
-  lay = ("decoder", "layers")
-  pre = "model.layers.{l}."
-  for i in (0, 1):
-    a = f"{pre}self_attn.{i}."
-    leaves += [
-        Leaf("params", lay + (f"input_norm_{i}", "scale"), f"{pre}input_layernorm.{i}.weight", _ident, _ident, True),
-        Leaf("params", lay + (f"post_attn_norm_{i}", "scale"), f"{pre}post_attention_layernorm.{i}.weight",
-             _ident, _ident, True),
-        Leaf("params", lay + (f"attn_{i}", "q_a"), a + "q_a_proj.weight", _t, _t, True),
-        Leaf("params", lay + (f"attn_{i}", "q_a_norm"), a + "q_a_layernorm.weight", _ident, _ident, True),
-        Leaf("params", lay + (f"attn_{i}", "q_b"), a + "q_b_proj.weight", heads_in(qk), heads_out(qk), True),
-        Leaf("params", lay + (f"attn_{i}", "kv_a"), a + "kv_a_proj_with_mqa.weight", _t, _t, True),
-        Leaf("params", lay + (f"attn_{i}", "kv_a_norm"), a + "kv_a_layernorm.weight", _ident, _ident, True),
-        Leaf("params", lay + (f"attn_{i}", "kv_b"), a + "kv_b_proj.weight", heads_in(kvd), heads_out(kvd), True),
-        Leaf("params", lay + (f"attn_{i}", "o"), a + "o_proj.weight", o_in, o_out, True),
-    ]
-    for proj, ours in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-      leaves.append(Leaf("params", lay + (f"mlp_{i}", ours), f"{pre}mlps.{i}.{proj}.weight", _t, _t, True))
-  moe = lay + ("moe",)
-  leaves += [
-      Leaf("params", moe + ("router",), pre + "mlp.router.classifier.weight", _t, _t, True),
-      Leaf(EXPERT_BIAS, moe + ("router",), pre + "mlp.router.e_score_correction_bias", _ident, _ident, True),
-  ]
-  if c.num_ffn_experts:
-    for proj, ours in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
-      leaves.append(Leaf("params", moe + (ours,), pre + f"mlp.experts.{{e}}.{proj}.weight", _t, _t, True, True))
-  if c.mtp_num_heads:
-    leaves += _mtp_leaves(c, leaves)
-  return leaves
-
-
-MTP_EMBED_KEY = "model.mtp.embed_tokens.weight"
-
-
-def _mtp_leaves(c: ConfigDict, main: list[Leaf]) -> list[Leaf]:
-  """`model.mtp.*` <-> params['mtp'] (spec section 7; `longcat_jax.model.mtp`).
-
-  Head k is `model.mtp.layers.{k}.*`; its MLA and MLP reuse the main layer's transforms. The
-  heads share `model.mtp.norm.weight`; `model.mtp.embed_tokens.weight` is the main embedding
-  (shared, written as a copy, checked on load).
-  """
-  block = lambda ours, theirs: [(l, l.path[-1], l.hf_key.split(theirs, 1)[1]) for l in main
-                                if l.path[:3] == ("decoder", "layers", ours)]
-  leaves = [Leaf("params", ("mtp", "final_norm", "scale"), "model.mtp.norm.weight", _ident, _ident)]
-  for k in range(c.mtp_num_heads):
-    pre, path = f"model.mtp.layers.{k}.", ("mtp", f"layer_{k}")
-    leaves += [
-        Leaf("params", path + ("eh_proj",), pre + "eh_proj.weight", _t, _t),
-        Leaf("params", path + ("enorm", "scale"), pre + "enorm.m.weight", _ident, _ident),
-        Leaf("params", path + ("hnorm", "scale"), pre + "hnorm.m.weight", _ident, _ident),
-        Leaf("params", path + ("input_norm", "scale"), pre + "input_layernorm.weight", _ident, _ident),
-        Leaf("params", path + ("post_attn_norm", "scale"), pre + "post_attention_layernorm.weight", _ident, _ident),
-    ]
-    for leaf, name, hf_name in block("attn_0", "self_attn.0."):
-      leaves.append(Leaf("params", path + ("attn", name), pre + "self_attn." + hf_name, leaf.to_jax, leaf.to_hf))
-    for leaf, name, hf_name in block("mlp_0", "mlps.0."):
-      leaves.append(Leaf("params", path + ("mlp", name), pre + "transformer_layer.mlp." + hf_name, leaf.to_jax,
-                         leaf.to_hf))
-  return leaves
-
-
-def _ngram_leaves(c: ConfigDict) -> list[Leaf]:
-  """`model.ngram_embeddings.{embedders,post_projs}.{i}.weight` (Flash-Lite; spec section 4).
-
-  Tables are stored with exactly M_i = m + 2i + 1 rows and padded here to the sharding multiple.
-  """
-  def pad_to(rows, stored):
-    def to_jax(w):
-      if w.ndim != 2 or w.shape[0] != stored:
-        raise ValueError(f"n-gram table has {w.shape[0]} rows, expected {stored}")
-      return np.pad(w, ((0, rows - stored), (0, 0)))
-    return to_jax
-
-  leaves = []
-  for i, (rows, stored) in enumerate(zip(ngram.ngram_table_rows(c), ngram.ngram_moduli(c))):
-    leaves += [
-        Leaf("params", ("ngram_embedding", f"table_{i}"), f"model.ngram_embeddings.embedders.{i}.weight",
-             pad_to(rows, stored), lambda w, stored=stored: w[:stored]),
-        Leaf("params", ("ngram_embedding", f"post_proj_{i}"), f"model.ngram_embeddings.post_projs.{i}.weight",
-             _t, _t),
-    ]
-  return leaves
-
-
-def _indexer_leaves(c: ConfigDict) -> list[Leaf]:
-  """The sparse-attention indexer of each layer, in the first attention block (LongCat-2.0 as
-  SGLang loads it: `model.layers.{l}.self_attn.0.indexer.{wq_b,wk,k_norm,weights_proj}.weight`,
-  DeepSeek-V3.2's indexer names; docs/LONGCAT2.md)."""
-  s = sparse_settings(c)
-  hi, di = s["index_heads"], s["index_dim"]
-  pre, ind = "model.layers.{l}.self_attn.0.indexer.", ("decoder", "layers", "indexer")
-  return [
-      Leaf("params", ind + ("wq_b",), pre + "wq_b.weight", lambda w: _t(w).reshape(w.shape[1], hi, di),
-           lambda w: w.reshape(w.shape[0], -1).T.copy(), True),
-      Leaf("params", ind + ("wk",), pre + "wk.weight", _t, _t, True),
-      Leaf("params", ind + ("k_norm",), pre + "k_norm.weight", _ident, _ident, True),
-      Leaf("params", ind + ("weights_proj",), pre + "weights_proj.weight", _t, _t, True),
-  ]
-
-
-def _instances(leaf: Leaf, c: ConfigDict) -> Iterator[tuple[tuple[int, ...], str]]:
-  """(index into the stacked leaf, HF key) for every HF tensor behind a leaf."""
-  layers = range(c.num_layers) if leaf.per_layer else [None]
-  experts = range(c.num_ffn_experts) if leaf.per_expert else [None]
-  for l in layers:
-    for e in experts:
-      idx = tuple(i for i in (l, e) if i is not None)
-      yield idx, leaf.hf_key.format(l=l, e=e)
-
-
-def _identity_expert_key(key: str, c: ConfigDict) -> bool:
-  """HF's save_pretrained also writes gate/up for the zero (identity) experts; they are unused."""
-  m = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj)\.weight$", key)
-  return bool(m) and c.num_ffn_experts <= int(m.group(2)) < c.num_ffn_experts + c.zero_experts
+def _workers(n: int | None) -> int:
+  return n or min(16, (os.cpu_count() or 2) * 2)
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading.
-
-
-class _TensorIndex:
-  """Maps tensor names to files; opens each safetensors file lazily and reports bad files clearly."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._handles = {}
-    index_file, single = os.path.join(path, INDEX_NAME), os.path.join(path, SINGLE_NAME)
-    if os.path.exists(index_file):
-      try:
-        with open(index_file) as f:
-          self.weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
-    elif os.path.exists(single):
-      self.weight_map = {k: SINGLE_NAME for k in self._open(SINGLE_NAME).keys()}
-    else:
-      raise CheckpointError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME} found")
-
-  def _open(self, fname):
-    full = os.path.join(self.path, fname)
-    if fname not in self._handles:
-      if not os.path.exists(full):
-        raise CheckpointError(f"{full}: file listed in the index does not exist")
-      try:
-        self._handles[fname] = safe_open(full, framework="numpy")
-      except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{full}: cannot open as safetensors (truncated or corrupt?): {e}") from None
-    return self._handles[fname]
-
-  def file_of(self, key: str) -> str:
-    return os.path.join(self.path, self.weight_map[key])
-
-  def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._open(self.weight_map[key]).get_slice(key).get_shape())
-
-  def dtype(self, key: str) -> str:
-    """The stored dtype's numpy name, read from the header only."""
-    st = self._open(self.weight_map[key]).get_slice(key).get_dtype()
-    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(st, "float32")
-
-  def get(self, key: str) -> np.ndarray:
-    fname = self.weight_map[key]
-    handle = self._open(fname)
-    try:
-      return handle.get_tensor(key)
-    except Exception as e:
-      raise CheckpointError(f"{self.file_of(key)}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from None
-
-
-def _expected_shape(leaf: Leaf, full_shape: tuple[int, ...]) -> tuple[int, ...]:
-  n = int(leaf.per_layer) + int(leaf.per_expert)
-  return tuple(full_shape[n:])
+# Config and the checkpoint's tensor inventory.
 
 
 def read_config(path: str, **overrides) -> ConfigDict:
@@ -262,88 +76,359 @@ def read_config(path: str, **overrides) -> ConfigDict:
     raise CheckpointError(f"{path}: no {CONFIG_NAME}")
   with open(cfg_file) as f:
     hf = json.load(f)
-  return config_lib.from_hf_config(hf, **overrides)
+  try:
+    return config_lib.from_hf_config(hf, **overrides)
+  except ValueError as e:
+    raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
-def load_pretrained(path: str, dtype=None, *, config_overrides: dict | None = None):
+def _quant_block(c: ConfigDict) -> tuple[int, int] | None:
+  q = (c.get("hf_format") or {}).get("quantization")
+  return tuple(q.get("weight_block_size", DEFAULT_BLOCK)) if q else None
+
+
+def _inventory(files: CheckpointFiles, c: ConfigDict, leaves: list[Leaf], shapes) -> dict[str, tuple[Leaf, tuple]]:
+  """{HF key: (leaf, index)}; refuses unknown and missing tensors, wrong shapes, F8 weights
+  without (or with wrongly shaped) scales and F8 dtypes other than e4m3, before reading any data."""
+  wanted = {key: (leaf, idx) for leaf in leaves for idx, key in leaf.instances(c)}
+  extra = set(layouts.identity_expert_keys(c)) | ({MTP_EMBED_KEY} if c.mtp_num_heads else set())
+  scale_keys = {k + fp8.SCALE_SUFFIX for k in wanted}
+  unknown = [k for k in files.keys() if k not in wanted and k not in extra and k not in scale_keys
+             and not k.startswith(_ASIDE) and not k.endswith(_IGNORED)]
+  if unknown:
+    raise CheckpointError(f"{files.path}: {len(unknown)} tensor(s) this model does not understand, e.g. "
+                          f"{unknown[0]!r} in {files.info(unknown[0]).file} (all: {unknown[:8]}...)")
+  missing = [k for k in wanted if k not in files]
+  if missing:
+    raise CheckpointError(f"{files.path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]!r} "
+                          f"(config.json says num_layers={c.num_layers}, num_ffn_experts={c.num_ffn_experts})")
+  block = _quant_block(c)
+  for key, (leaf, _) in wanted.items():
+    t = files.info(key)
+    want = leaf.hf_shape(_get(shapes[leaf.collection], leaf.path).shape[leaf.lead:])
+    if t.shape != want:
+      raise CheckpointError(f"{t.file}: tensor {key!r} has shape {list(t.shape)}, which does not map to the "
+                            f"expected shape {list(want)} for config {c.name!r}")
+    scale = key + fp8.SCALE_SUFFIX
+    if t.dtype.name.startswith("float8"):
+      if t.dtype != fp8.E4M3:
+        raise CheckpointError(f"{t.file}: tensor {key!r} is stored as {t.dtype.name}; only float8_e4m3fn "
+                              "(F8_E4M3) block-quantized weights are supported")
+      if scale not in files:
+        raise CheckpointError(f"{t.file}: FP8 tensor {key!r} has no {scale!r} (a weight without its scale)")
+      if block is None:
+        raise CheckpointError(f"{t.file}: FP8 tensor {key!r}, but config.json has no quantization_config "
+                              "(weight_block_size)")
+      s = files.info(scale)
+      if len(t.shape) != 2 or s.shape != fp8.scale_shape(t.shape, block):
+        raise CheckpointError(f"{s.file}: scale {scale!r} has shape {list(s.shape)}; weight {list(t.shape)} with "
+                              f"blocks {list(block)} needs {list(fp8.scale_shape(t.shape, block))}")
+    elif scale in files:
+      raise CheckpointError(f"{files.info(scale).file}: {scale!r} scales tensor {key!r}, which is stored as "
+                            f"{t.dtype.name}, not FP8")
+  return wanted
+
+
+def _check_covers(leaves: list[Leaf], shapes, c: ConfigDict) -> None:
+  """The layout table must name every variable of the model exactly once."""
+  have = {(l.collection,) + l.path for l in leaves}
+  want = {(k,) + tuple(getattr(p, "key", p) for p in path)
+          for k in shapes for path, _ in jax.tree_util.tree_flatten_with_path(shapes[k])[0]}
+  if have != want:
+    raise CheckpointError(f"layout {layouts.architecture(c)!r} does not cover the model: no tensor for "
+                          f"{sorted(want - have)[:4]}, no variable for {sorted(have - want)[:4]}")
+
+
+def _record_format(c: ConfigDict, files: CheckpointFiles, wanted) -> None:
+  """What save_pretrained needs to write the same tensors back: the main (embedding) dtype's
+  exceptions (e.g. a float32 router in a BF16 release), the FP8 set, the extra copies."""
+  fmt = dict(c.hf_format or {})
+  main = files.info("model.embed_tokens.weight").dtype
+  dtypes, quantized = {}, set()
+  for key, (leaf, _) in wanted.items():
+    t = files.info(key)
+    if t.dtype == fp8.E4M3:
+      quantized.add(leaf.hf_key)
+    elif t.dtype != main:
+      dtypes[leaf.hf_key] = t.dtype.name
+  fmt["main_dtype"] = main.name
+  fmt["dtypes"] = sorted(dtypes.items())      # (template, dtype) pairs: ConfigDict keys cannot hold dots
+  fmt["quantized"] = sorted(quantized)
+  fmt["identity_experts"] = any(k in files for k in layouts.identity_expert_keys(c)[:1])
+  fmt["mtp_embed_copy"] = MTP_EMBED_KEY in files
+  c.hf_format = fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# Index arithmetic: a box of JAX slice indices <-> HF rows/columns.
+
+
+def _cover(leaf: Leaf, slice_shape, box):
+  """The smallest box >= `box` whose HF image is a box (non-leading axes of a group made full), and
+  that HF box as [(start, stop)] per HF dim."""
+  cover, hf = list(box), []
+  for g in leaf.hf_axes:
+    inner = math.prod(slice_shape[a] for a in g[1:])
+    for a in g[1:]:
+      cover[a] = (0, slice_shape[a])
+    hf.append((cover[g[0]][0] * inner, cover[g[0]][1] * inner))
+  return cover, hf
+
+
+def _hf_to_jax(x: np.ndarray, leaf: Leaf, extents) -> np.ndarray:
+  """An HF block -> the JAX slice block with the given per-axis extents (a view)."""
+  order = [a for g in leaf.hf_axes for a in g]
+  x = x.reshape([extents[a] for a in order])
+  return x.transpose(np.argsort(order))
+
+
+def _jax_to_hf(x: np.ndarray, leaf: Leaf) -> np.ndarray:
+  order = [a for g in leaf.hf_axes for a in g]
+  shape = [math.prod(x.shape[a] for a in g) for g in leaf.hf_axes]
+  return x.transpose(order).reshape(shape)
+
+
+def _chunks(box, order, itemsize: int, limit: int):
+  """Splits a box (list of (start, stop)) into sub-boxes of at most `limit` bytes, cutting along the
+  axes of `order` (outermost first); the other axes stay whole. All chunks of a box have one shape
+  (the last one is moved back to end at the box's end, overlapping its neighbour), so the in-place
+  device update compiles once per leaf."""
+  ext = [b - a for a, b in box]
+  size = math.prod(e for i, e in enumerate(ext) if i not in order) * itemsize
+  k = len(order)
+  while k > 0 and size * ext[order[k - 1]] <= limit:
+    size *= ext[order[k - 1]]
+    k -= 1
+  if k == 0:
+    yield list(box)
+    return
+  split, outer = order[k - 1], order[:k - 1]
+  lo, hi = box[split]
+  step = min(max(1, limit // max(size, 1)), hi - lo)
+  for idx in itertools.product(*[range(*box[a]) for a in outer]):
+    for s in range(lo, hi, step):
+      b = list(box)
+      for a, i in zip(outer, idx):
+        b[a] = (i, i + 1)
+      b[split] = (min(s, hi - step), min(s, hi - step) + step)
+      yield b
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+class _Reader:
+  """Reads JAX boxes of leaves from a checkpoint (FP8 dequantized on the fly)."""
+
+  def __init__(self, files: CheckpointFiles, c: ConfigDict, limit: int):
+    self.files, self.c, self.block, self.limit = files, c, _quant_block(c) or DEFAULT_BLOCK, limit
+
+  def hf_block(self, key: str, ranges, dtype) -> np.ndarray:
+    """HF rows/cols `ranges` of tensor `key`, as `dtype`. A column range is cut from whole rows read
+    `limit` bytes at a time, so a column-split shard never holds more than that of its tensor."""
+    t = self.files.info(key)
+    (r0, r1) = ranges[0]
+    if len(ranges) == 1 or (ranges[1][0] == 0 and ranges[1][1] == t.shape[1] and t.dtype != fp8.E4M3):
+      return self.files.read_rows(key, r0, r1)
+    c0, c1 = ranges[1]
+    scale = self.files.read(key + fp8.SCALE_SUFFIX) if t.dtype == fp8.E4M3 else None
+    out = np.empty((r1 - r0, c1 - c0), dtype if scale is not None else t.dtype)
+    step = max(1, self.limit // max(1, t.shape[1] * t.dtype.itemsize))
+    for a in range(r0, r1, step):
+      b = min(a + step, r1)
+      raw = self.files.read_rows(key, a, b)[:, c0:c1]
+      out[a - r0:b - r0] = raw if scale is None else fp8.dequantize(raw, scale, (a, b), (c0, c1), self.block, dtype)
+    return out
+
+  def box(self, leaf: Leaf, key: str, slice_shape, box, dtype) -> np.ndarray:
+    """The JAX slice box of one HF tensor (a view or a small temporary)."""
+    cover, hf = _cover(leaf, slice_shape, box)
+    stored_rows = leaf.hf_rows
+    if stored_rows is not None and hf[0][1] > stored_rows:  # row-padded n-gram table: zeros beyond
+      r0, r1 = hf[0]
+      hf[0] = (min(r0, stored_rows), stored_rows)
+      x = self.hf_block(key, hf, dtype) if hf[0][1] > hf[0][0] else None
+      full = np.zeros((r1 - r0,) + ((hf[1][1] - hf[1][0],) if len(hf) > 1 else ()), dtype)
+      if x is not None:
+        full[:x.shape[0]] = x
+      x = full
+    else:
+      x = self.hf_block(key, hf, dtype)
+    x = _hf_to_jax(x, leaf, [b - a for a, b in cover])
+    return x[tuple(slice(b0 - c0, b1 - c0) for (b0, b1), (c0, _) in zip(box, cover))]
+
+  def chunk(self, leaf: Leaf, shape, chunk, dtype) -> np.ndarray:
+    """A chunk (box over the whole stacked leaf) read into one host array."""
+    out = np.empty([b - a for a, b in chunk], dtype)
+    lead, inner = chunk[:leaf.lead], chunk[leaf.lead:]
+    for idx in itertools.product(*[range(*b) for b in lead]):
+      key = leaf.hf_key.format(**dict(zip(("l", "e")[:leaf.lead] if leaf.per_layer else ("e",), idx)))
+      rel = tuple(i - b[0] for i, b in zip(idx, lead))
+      out[rel] = self.box(leaf, key, shape[leaf.lead:], inner, dtype)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _update_fn(sharding):
+  """(buf, update, starts [ndim]) -> buf with every device's shard updated in place by its own
+  piece of `update` at `starts` (shard-relative): one program for the whole mesh."""
+  def dus(buf, x, starts):
+    st = tuple(starts[i] for i in range(buf.ndim))
+    if buf.dtype.itemsize == 2:  # XLA:CPU widens a bf16/f16 update to f32 (a whole-buffer pass); bits are bits
+      u = lax.dynamic_update_slice(lax.bitcast_convert_type(buf, jnp.uint16), lax.bitcast_convert_type(x, jnp.uint16), st)
+      return lax.bitcast_convert_type(u, buf.dtype)
+    return lax.dynamic_update_slice(buf, x, st)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    P = jax.sharding.PartitionSpec
+    dus = jax.shard_map(dus, mesh=sharding.mesh, in_specs=(sharding.spec, sharding.spec, P()),
+                        out_specs=sharding.spec)
+  return jax.jit(dus, donate_argnums=0, out_shardings=sharding)
+
+
+def _load_leaf(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, limit: int, window: int):
+  """One leaf as a jax.Array with `sharding`, built from this process's addressable shards only.
+
+  A shard that fits in `limit` bytes is read whole and placed; a bigger one is filled chunk by
+  chunk in place (every device its own chunk k at once, `_update_fn`). Every process runs the
+  same sequence of programs (chunking depends on the shard shape only)."""
+  shape = tuple(shape)
+  index_map = sharding.addressable_devices_indices_map(shape)
+  boxes = collections.defaultdict(list)       # distinct box -> devices holding it (replicas)
+  for dev, idx in index_map.items():
+    boxes[tuple(s.indices(n)[:2] for s, n in zip(idx, shape))].append(dev)
+  shard_shape = tuple(sharding.shard_shape(shape))
+  order = list(range(leaf.lead)) + [leaf.lead + leaf.hf_axes[0][0]]
+  rel_chunks = list(_chunks([(0, n) for n in shard_shape], order, np.dtype(dtype).itemsize, limit))
+  tasks = [(k, box) for k in range(len(rel_chunks)) for box in boxes]
+  pending, it = collections.deque(), iter(tasks)
+
+  def submit():
+    for k, box in itertools.islice(it, window - len(pending)):
+      ch = [(b[0] + r0, b[0] + r1) for b, (r0, r1) in zip(box, rel_chunks[k])]
+      pending.append((k, box, pool.submit(reader.chunk, leaf, shape, ch, dtype)))
+
+  submit()
+  if len(rel_chunks) == 1:
+    arrays = {}
+    while pending:
+      _, box, fut = pending.popleft()
+      host = fut.result()
+      submit()
+      for d in boxes[box]:
+        arrays[d] = jax.device_put(host, d)
+    return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in index_map])
+  # The starting buffers: zeros per device (untouched pages until written; no compiled program).
+  buf = jax.make_array_from_single_device_arrays(
+      shape, sharding, [jax.device_put(np.zeros(shard_shape, dtype), d) for d in index_map])
+  update = _update_fn(sharding)
+  chunk_shape = tuple(b - a for a, b in rel_chunks[0])
+  global_chunk = tuple(c * (n // s) for c, n, s in zip(chunk_shape, shape, shard_shape))
+  previous = None
+  for k, rel in enumerate(rel_chunks):
+    pieces = {}
+    for _ in boxes:
+      _, box, fut = pending.popleft()
+      host = fut.result()
+      submit()
+      for d in boxes[box]:
+        pieces[d] = jax.device_put(host, d)
+      del host
+    x = jax.make_array_from_single_device_arrays(global_chunk, sharding, [pieces[d] for d in index_map])
+    if previous is not None:   # one update in flight: async dispatch would otherwise queue every chunk
+      jax.block_until_ready(previous)
+    buf = previous = update(buf, x, np.asarray([r[0] for r in rel], np.int32))
+  return buf
+
+
+def _release_freed_memory() -> None:
+  """Returns freed heap memory to the OS (glibc keeps the chunk buffers of a leaf, sized below its
+  adaptive mmap threshold, in its arenas; without this the next leaf's chunks fragment them)."""
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)
+
+
+def _libc():
+  try:
+    lib = ctypes.CDLL("libc.so.6")
+    return lib if hasattr(lib, "malloc_trim") else None
+  except OSError:  # not glibc (macOS, musl)
+    return None
+
+
+_LIBC = _libc()
+
+
+def load_pretrained(path: str, dtype=None, *, mesh=None, shardings=None, rules=sharding_lib.LOGICAL_AXIS_RULES,
+                    config_overrides: dict | None = None, host_bytes: int | None = None,
+                    max_workers: int | None = None):
   """Reads a HF LongCat directory -> (model, variables).
 
-  `variables` = {"params": ..., "expert_bias": ...}, plain JAX arrays in JAX layout. `dtype`
-  (e.g. jnp.bfloat16) sets the parameter and compute dtype; None keeps the checkpoint's dtype
-  (router weights and expert bias always stay float32). `model.mtp.*` tensors load into
-  params['mtp'] when config.json has `num_nextn_predict_layers` > 0 (else they are left aside:
-  `read_mtp_tensors`).
+  `variables` = {"params": ..., "expert_bias": ...} in JAX layout. `dtype` (e.g. jnp.bfloat16)
+  sets the parameter and compute dtype; None keeps the checkpoint's (the embedding's) dtype; FP8
+  weights are dequantized to it; router weights and the expert bias always stay float32.
+  With `mesh` every leaf is sharded by the logical-axis table (`sharding.variable_shardings(model,
+  mesh, rules)`) and the returned model holds the mesh placement (`parallel.MeshPlacement`);
+  `shardings` (a tree like `variables`) overrides the layout; neither: the default device.
+  `host_bytes` bounds the host memory in flight (default: half the largest stored tensor, >= 8 MiB;
+  XLA's compiled update programs add a fixed few tens of MiB);
+  `max_workers` the reading threads. `model.mtp.*` tensors load into params['mtp'] when config.json
+  has MTP layers (else they are left aside: `read_mtp_tensors`).
   """
-  index = _TensorIndex(path)
+  files = CheckpointFiles(path)
   overrides = dict(config_overrides or {})
-  stored_dtype = None
-  first = next((k for k in index.weight_map if k.endswith("embed_tokens.weight")), None)
-  if dtype is None and first is not None:
-    stored_dtype = index.dtype(first)
-  name = jnp.dtype(dtype or stored_dtype or np.float32).name
+  if dtype is None:
+    emb = files.tensors.get("model.embed_tokens.weight")
+    stored = emb.dtype.name if emb is not None else "float32"
+    dtype = stored if stored in config_lib.DTYPES else "float32"
+  name = jnp.dtype(dtype).name
   overrides.setdefault("param_dtype", name)
   overrides.setdefault("dtype", name)
   c = read_config(path, **overrides)
-  if c.mtp_num_heads and not any(_ASIDE.match(k) for k in index.weight_map):
+  if c.mtp_num_heads and not any(k.startswith(_ASIDE) for k in files.keys()):
     warnings.warn(f"{path}: config.json has {c.mtp_num_heads} MTP head(s) but the checkpoint holds no "
                   "model.mtp.* tensors; loading the main model only (mtp_num_heads=0)")
     c.mtp_num_heads = 0
   config_lib.validate(c)
-  model = LongcatForCausalLM(c)
-
-  leaves = _leaves(c)
-  wanted = {}
-  for leaf in leaves:
-    for idx, key in _instances(leaf, c):
-      wanted[key] = (leaf, idx)
-  unknown = [k for k in index.weight_map
-             if k not in wanted and not _ASIDE.match(k) and not _IGNORED.search(k) and not _identity_expert_key(k, c)]
-  if unknown:
-    raise CheckpointError(f"{path}: {len(unknown)} tensor(s) this model does not understand, e.g. "
-                          f"{unknown[0]!r} in {index.file_of(unknown[0])} (all: {unknown[:8]}...)")
-  missing = [k for k in wanted if k not in index.weight_map]
-  if missing:
-    raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]!r} "
-                          f"(config.json says num_layers={c.num_layers}, num_ffn_experts={c.num_ffn_experts})")
-
-  shapes = jax.eval_shape(lambda: model_variables_shapes(model))
+  placement = MeshPlacement(mesh, tuple(rules)) if mesh is not None and mesh.size > 1 else LOCAL
+  model = LongcatForCausalLM(c, placement=placement)
+  boxed = sharding_lib.abstract_variables(model)
+  shapes = flax.linen.meta.unbox(boxed)
+  leaves = layouts.leaves(c)
+  _check_covers(leaves, shapes, c)
+  wanted = _inventory(files, c, leaves, shapes)
+  _record_format(c, files, wanted)
+  if shardings is None:
+    if mesh is not None:
+      shardings = sharding_lib.variable_shardings(model, mesh, rules, boxed)
+    else:
+      one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: one, shapes)
+  largest = max(files.info(k).nbytes for k in wanted)
+  workers = _workers(max_workers)
+  window = workers + 2
+  budget = host_bytes or max(largest // 2, 8 << 20)
+  # In flight: each reading thread holds ~3 chunks (row block, HF block, chunk), finished reads
+  # wait in the window, one chunk per local device is being placed. Same on every process.
+  limit = max(budget // (3 * workers + window + jax.local_device_count()), 1 << 16)
+  reader = _Reader(files, c, limit)
   variables = {}
-  for leaf in leaves:
-    target = _get(shapes[leaf.collection], leaf.path)
-    f32 = leaf.collection == EXPERT_BIAS or leaf.path[-1] == "router"
-    np_dtype = np.float32 if f32 else jnp.dtype(name)
-    out = np.empty(target.shape, np_dtype)
-    want = _expected_shape(leaf, target.shape)
-    for idx, key in _instances(leaf, c):
-      raw = index.get(key)
-      try:
-        w = leaf.to_jax(raw)
-      except ValueError:  # reshape of a wrong-sized tensor
-        w = None
-      if w is None or w.shape != want:
-        got = raw.shape
-        raise CheckpointError(f"{index.file_of(key)}: tensor {key!r} has shape {list(got)}, which does not map "
-                              f"to the expected JAX shape {list(want)} for config {c.name!r}")
-      out[idx] = w.astype(np_dtype)
-    _set(variables.setdefault(leaf.collection, {}), leaf.path, jnp.asarray(out))
-    del out
-  if c.mtp_num_heads and MTP_EMBED_KEY in index.weight_map:
-    if not np.array_equal(index.get(MTP_EMBED_KEY), index.get("model.embed_tokens.weight")):
-      warnings.warn(f"{index.file_of(MTP_EMBED_KEY)}: {MTP_EMBED_KEY} differs from model.embed_tokens.weight; "
-                    "the MTP head here shares the main embedding, so the MTP copy is not used")
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for leaf in leaves:
+      target = _get(shapes[leaf.collection], leaf.path)
+      dt = np.float32 if leaf.float32 else jnp.dtype(name)
+      arr = _load_leaf(reader, leaf, target.shape, dt, _get(shardings[leaf.collection], leaf.path), pool, limit,
+                       window=window)
+      _set(variables.setdefault(leaf.collection, {}), leaf.path, arr)
+      _release_freed_memory()
+  files.close()
   return model, variables
 
 
 def read_mtp_tensors(path: str) -> dict[str, np.ndarray]:
-  """The `model.mtp.*` tensors of a checkpoint, by HF name (numpy, HF layout)."""
-  index = _TensorIndex(path)
-  return {k: index.get(k) for k in index.weight_map if _ASIDE.match(k)}
-
-
-def model_variables_shapes(model: LongcatForCausalLM):
-  ids = jnp.zeros((1, 1), jnp.int32)
-  v = model.init(jax.random.key(0), ids)
-  return {k: flax.linen.meta.unbox(v[k]) for k in ("params", EXPERT_BIAS) if k in v}
+  """The `model.mtp.*` tensors of a checkpoint, by HF name (numpy, HF layout, stored dtype)."""
+  files = CheckpointFiles(path)
+  return {k: files.read(k) for k in files.keys() if k.startswith(_ASIDE)}
 
 
 def _get(tree, path):
@@ -362,69 +447,254 @@ def _set(tree, path, value):
 # Writing.
 
 
-def save_pretrained(path: str, model: LongcatForCausalLM, variables, *, max_shard_bytes: int = 2 << 30,
-                    extra_tensors: dict[str, np.ndarray] | None = None) -> None:
-  """Writes `config.json` + sharded `*.safetensors` + index in the HF LongCat layout.
+def _fresh_scales(arr, leaf: Leaf, block) -> np.ndarray:
+  """amax / 448 per block of every HF tensor of a (possibly sharded) leaf: [lead..., ob, ib],
+  computed on the devices (no host ever holds the leaf), returned to every process."""
+  lead = leaf.lead
+  order = list(range(lead)) + [lead + a for a in itertools.chain(*leaf.hf_axes)]
 
-  Files are written to a temporary directory and moved into place at the end, so a failed save
-  leaves any previous checkpoint at `path` untouched. Zero-expert gate/up tensors, which the
-  reference allocates but never uses, are written as zeros so transformers loads without warnings.
+  def f(x):
+    hf_shape = leaf.hf_shape(x.shape[lead:])
+    y = jnp.abs(x.astype(jnp.float32)).transpose(order).reshape(x.shape[:lead] + hf_shape)
+    ob, ib = fp8.scale_shape(hf_shape, block)
+    pad = [(0, 0)] * lead + [(0, ob * block[0] - hf_shape[0]), (0, ib * block[1] - hf_shape[1])]
+    y = jnp.pad(y, pad).reshape(x.shape[:lead] + (ob, block[0], ib, block[1]))
+    return y.max(axis=(lead + 1, lead + 3)) / fp8.E4M3_MAX
+
+  sh = getattr(arr, "sharding", None)
+  out_sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec()) if isinstance(
+      sh, jax.sharding.NamedSharding) else None
+  res = jax.jit(f, out_shardings=out_sh)(arr)
+  return np.asarray(res.addressable_data(0), np.float32)
+
+
+class _ScaleSource:
+  """FP8 scales for the writer: kept ones (a checkpoint path or {key: array}) or fresh ones."""
+
+  def __init__(self, given, block):
+    self.files = CheckpointFiles(given) if isinstance(given, str) else None
+    self.given = None if isinstance(given, str) else given
+    self.block = block
+
+  def get(self, key, hf_shape):
+    skey = key + fp8.SCALE_SUFFIX
+    if self.files is not None and skey in self.files:
+      s = self.files.read(skey)
+    elif self.given is not None and skey in self.given:
+      s = np.asarray(self.given[skey], np.float32)
+    else:
+      return None
+    if s.shape != fp8.scale_shape(hf_shape, self.block):
+      raise CheckpointError(f"fp8_scales: {skey!r} has shape {list(s.shape)}, weight {list(hf_shape)} with blocks "
+                            f"{list(self.block)} needs {list(fp8.scale_shape(hf_shape, self.block))}")
+    return s
+
+
+def _write_box(fd: int, t: TensorInfo, hf_ranges, data: np.ndarray) -> None:
+  """Writes an HF block (rows [r0, r1) x cols [c0, c1) of tensor `t`) at its place in the file."""
+  row_elems = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
+  item = t.dtype.itemsize
+  r0 = hf_ranges[0][0]
+  if len(t.shape) < 2 or len(hf_ranges) < 2 or (hf_ranges[1][0] == 0 and hf_ranges[1][1] == t.shape[1]):
+    pwrite_all(fd, data, t.offset + r0 * row_elems * item)
+    return
+  c0 = hf_ranges[1][0]
+  data = np.ascontiguousarray(data)
+  for i in range(data.shape[0]):
+    pwrite_all(fd, data[i], t.offset + ((r0 + i) * row_elems + c0) * item)
+
+
+def _shard_boxes(arr, shape):
+  """(box, single-device array) of the shards this process owns (replica 0; one owner each)."""
+  if not isinstance(arr, jax.Array):
+    arr = jnp.asarray(arr)
+  for s in arr.addressable_shards:
+    if s.replica_id == 0:
+      yield [sl.indices(n)[:2] for sl, n in zip(s.index, shape)], s.data
+
+
+def _write_leaf(arr, leaf: Leaf, where, fds, block, scales, limit: int) -> None:
+  """One leaf's HF tensors into their files, from the shards this process owns, chunk by chunk
+  (at most `limit` bytes of a shard on the host at a time)."""
+  shape = tuple(arr.shape)
+  slice_shape = shape[leaf.lead:]
+  order = list(range(leaf.lead)) + [leaf.lead + leaf.hf_axes[0][0]]
+  itemsize = np.dtype(arr.dtype).itemsize
+  names = ("l", "e") if leaf.per_layer else ("e",)
+  for box, data in _shard_boxes(arr, shape):
+    for ch in _chunks(box, order, itemsize, limit):
+      host = np.asarray(data[tuple(slice(a - b[0], z - b[0]) for (a, z), b in zip(ch, box))])
+      lead, inner = ch[:leaf.lead], ch[leaf.lead:]
+      cover, hf = _cover(leaf, slice_shape, inner)
+      if cover != list(inner):
+        raise CheckpointError(f"cannot write {leaf.hf_key!r}: a shard splits a merged axis "
+                              f"(slice box {inner} of {list(slice_shape)}); shard that leaf on its outer axes")
+      for idx in itertools.product(*[range(*b) for b in lead]):
+        key = leaf.hf_key.format(**dict(zip(names[:leaf.lead], idx)))
+        x = _jax_to_hf(host[tuple(i - b[0] for i, b in zip(idx, lead))], leaf)
+        rng = list(hf)
+        if leaf.hf_rows is not None:   # drop the padding rows of an n-gram table
+          keep = max(0, min(rng[0][1], leaf.hf_rows) - rng[0][0])
+          x, rng[0] = x[:keep], (rng[0][0], rng[0][0] + keep)
+          if keep == 0:
+            continue
+        fname, t = where[key]
+        if t.dtype == fp8.E4M3:
+          x = fp8.quantize(x, scales[key], rng[0], rng[1], block)
+        else:
+          x = x.astype(t.dtype, copy=False)
+        _write_box(fds[fname], t, rng, x)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def save_pretrained(path: str, model: LongcatForCausalLM, variables, *, max_shard_bytes: int = 2 << 30,
+                    extra_tensors: dict[str, np.ndarray] | None = None, quantization: str | None = "auto",
+                    fp8_scales=None, host_bytes: int = 256 << 20) -> None:
+  """Writes `config.json` + `*.safetensors` + index in the layout the model's checkpoint came from
+  (`config.hf_format`; a fresh model: transformers' LongcatFlash layout).
+
+  `quantization`: "auto" (as loaded), None (high precision) or "fp8" (block e4m3 with
+  `weight_scale_inv`, quantization_config written). FP8 scales: `fp8_scales` (a checkpoint path or
+  {"...weight_scale_inv": array}) keeps given ones, so FP8 -> JAX -> FP8 gives the same bytes;
+  otherwise amax / 448 per block. Sharded leaves are written from their shards; with several
+  processes each writes what it owns and process 0 writes the index, so call it on every
+  process (the directory must be shared). Files go to a temporary directory first, so a failed
+  save leaves a previous checkpoint at `path` untouched.
   """
   c = model.config
+  fmt = dict(c.get("hf_format") or {})
   variables = flax.linen.meta.unbox(variables)
-  tensors: list[tuple[str, np.ndarray]] = []
-  for leaf in _leaves(c):
+  leaves = layouts.leaves(c)
+  quant = fmt.get("quantization") if quantization == "auto" else (
+      dict(FP8_CONFIG) if quantization == "fp8" else None)
+  if quantization not in ("auto", "fp8", None, "none"):
+    raise ValueError(f"quantization={quantization!r} must be 'auto', 'fp8' or None")
+  if quantization == "fp8" and fmt.get("quantization"):
+    quant = dict(fmt["quantization"])
+  block = tuple(quant.get("weight_block_size", DEFAULT_BLOCK)) if quant else None
+  quantized = set(fmt["quantized"]) if quant and fmt.get("quantization") and fmt.get("quantized") else None
+  loaded = "dtypes" in fmt            # a loaded checkpoint: its exceptions to the main dtype, else defaults
+  dtypes = {k: v for k, v in (fmt.get("dtypes") or [])}
+  param_dtype = np.dtype(jnp.dtype(c.param_dtype))
+
+  def stored_dtype(leaf):
+    if loaded:   # float32-kept leaves (router) go back in their stored dtype
+      return np.dtype(dtypes.get(leaf.hf_key) or (fmt["main_dtype"] if leaf.float32 else param_dtype))
+    return np.dtype(np.float32 if leaf.float32 else param_dtype)
+
+  specs, fp8_keys = [], []
+  for leaf in leaves:
     arr = _get(variables[leaf.collection], leaf.path)
-    arr = np.asarray(jax.device_get(arr))
-    for idx, key in _instances(leaf, c):
-      tensors.append((key, leaf.to_hf(arr[idx])))
-  if c.num_ffn_experts and c.zero_experts:
-    zeros = np.zeros((c.expert_ffn_size, c.hidden_size), np.asarray(
-        jax.device_get(variables["params"]["embed_tokens"])).dtype)
-    for l in range(c.num_layers):
-      for e in range(c.num_ffn_experts, c.num_ffn_experts + c.zero_experts):
-        for proj in ("gate_proj", "up_proj"):
-          tensors.append((f"model.layers.{l}.mlp.experts.{e}.{proj}.weight", zeros))
-  if c.mtp_num_heads:  # the MTP head shares the main embedding; the released layout stores a copy
-    tensors.append((MTP_EMBED_KEY, np.asarray(jax.device_get(variables["params"]["embed_tokens"]))))
+    hf_shape = leaf.hf_shape(arr.shape[leaf.lead:])
+    is_q = bool(quant) and (leaf.hf_key in quantized if quantized is not None else leaf.fp8)
+    dt = fp8.E4M3 if is_q else stored_dtype(leaf)
+    for _, key in leaf.instances(c):
+      specs.append((key, dt, hf_shape))
+      if is_q:
+        specs.append((key + fp8.SCALE_SUFFIX, np.dtype(np.float32), fp8.scale_shape(hf_shape, block)))
+        fp8_keys.append(key)
+  extras = []
+  identity = fmt.get("identity_experts", layouts.LAYOUTS[layouts.architecture(c)].identity_expert_tensors)
+  if c.num_ffn_experts and c.zero_experts and identity:
+    zero = np.zeros((c.expert_ffn_size, c.hidden_size), np.dtype(dtypes.get(
+        "model.layers.{l}.mlp.experts.{e}.gate_proj.weight") or param_dtype))
+    extras += [(k, zero) for k in layouts.identity_expert_keys(c)]
+  specs += [(k, v.dtype, v.shape) for k, v in extras]
+  mtp_copy = bool(c.mtp_num_heads) and fmt.get("mtp_embed_copy", True)
+  if mtp_copy:  # the MTP head shares the main embedding; the released layout stores a copy
+    emb = variables["params"]["embed_tokens"]
+    specs.append((MTP_EMBED_KEY, np.dtype(dtypes.get("model.embed_tokens.weight") or param_dtype), tuple(emb.shape)))
   for k, v in (extra_tensors or {}).items():
-    tensors.append((k, np.asarray(v)))
+    v = np.asarray(v)
+    extras.append((k, v))
+    specs.append((k, v.dtype, v.shape))
+  plans = plan_files(specs, max_shard_bytes)
+  where = {t.name: (p.name, t) for p in plans for t in p.tensors}
 
-  shards, cur, cur_bytes = [], [], 0
-  for key, arr in tensors:
-    if cur and cur_bytes + arr.nbytes > max_shard_bytes:
-      shards.append(cur)
-      cur, cur_bytes = [], 0
-    cur.append((key, arr))
-    cur_bytes += arr.nbytes
-  shards.append(cur)
-
+  main = jax.process_index() == 0
   parent = os.path.dirname(os.path.abspath(path)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}")
-  if os.path.exists(tmp):
-    import shutil
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
-    fname = SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in shard}, os.path.join(tmp, fname), metadata={"format": "pt"})
-    for k, v in shard:
-      weight_map[k] = fname
-      total += v.nbytes
-  with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  hf = config_lib.to_hf_config(c)
-  hf["dtype"] = jnp.dtype(c.param_dtype).name
-  with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-    json.dump(hf, f, indent=2)
-  _replace_dir(tmp, path)
+  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp")
+  if main:
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+    os.makedirs(tmp)
+  _barrier("save_pretrained:start")
+  fds = {}
+  try:
+    for p in plans:
+      fds[p.name] = os.open(os.path.join(tmp, p.name), os.O_WRONLY | os.O_CREAT, 0o644)
+      os.ftruncate(fds[p.name], p.size)
+      if main:
+        pwrite_all(fds[p.name], p.header, 0)
+    _write_tensors(variables, leaves, c, where, fds, fp8_keys, block, fp8_scales, host_bytes, main)
+    if main:
+      for k, v in extras:
+        fname, t = where[k]
+        _write_box(fds[fname], t, [(0, t.shape[0] if t.shape else 1)], np.asarray(v).astype(t.dtype))
+      if mtp_copy:
+        emb_leaf = next(l for l in leaves if l.path == ("embed_tokens",))
+        _write_copy(variables["params"]["embed_tokens"], emb_leaf, where[MTP_EMBED_KEY], fds, host_bytes)
+  finally:
+    for fd in fds.values():
+      os.close(fd)
+  _barrier("save_pretrained:written")
+  if main:
+    weight_map = {t.name: p.name for p in plans for t in p.tensors}
+    total = sum(t.nbytes for p in plans for t in p.tensors)
+    with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf = config_lib.to_hf_config(c)
+    hf["dtype"] = jnp.dtype(c.param_dtype).name
+    if quant:
+      hf["quantization_config"] = dict(quant)
+    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+      json.dump(hf, f, indent=2)
+    _replace_dir(tmp, path)
+  _barrier("save_pretrained:done")
+
+
+def _write_tensors(variables, leaves, c, where, fds, fp8_keys, block, fp8_scales, host_bytes, main):
+  """Every leaf's shards into their files; FP8 scales (kept or fresh) written by process 0."""
+  source = _ScaleSource(fp8_scales, block) if fp8_keys and fp8_scales is not None else None
+  fp8_set = set(fp8_keys)
+  for leaf in leaves:
+    arr = _get(variables[leaf.collection], leaf.path)
+    if not isinstance(arr, jax.Array):
+      arr = jnp.asarray(arr)
+    inst = list(leaf.instances(c))
+    scales = {}
+    if inst and inst[0][1] in fp8_set:
+      hf_shape = leaf.hf_shape(arr.shape[leaf.lead:])
+      kept = {key: source.get(key, hf_shape) for _, key in inst} if source is not None else {}
+      fresh = None
+      for idx, key in inst:
+        if kept.get(key) is None:
+          if fresh is None:
+            fresh = _fresh_scales(arr, leaf, block)
+          kept[key] = fresh[idx] if idx else fresh
+      scales = kept
+      if main:
+        for _, key in inst:
+          fname, t = where[key + fp8.SCALE_SUFFIX]
+          pwrite_all(fds[fname], np.ascontiguousarray(scales[key], np.float32), t.offset)
+    _write_leaf(arr, leaf, where, fds, block, scales, max(host_bytes // 4, 1 << 16))
+
+
+def _write_copy(arr, leaf, target, fds, host_bytes):
+  """A second copy of a leaf under another name (the MTP embedding), from the shards."""
+  fname, t = target
+  where = {leaf.hf_key: (fname, t)}
+  _write_leaf(arr if isinstance(arr, jax.Array) else jnp.asarray(arr), leaf, where, fds, None, {},
+              max(host_bytes // 4, 1 << 16))
 
 
 def _replace_dir(tmp: str, path: str) -> None:
   """Moves `tmp` to `path`; an existing `path` is swapped out only after `tmp` is complete."""
-  import shutil
   if os.path.exists(path):
     old = path.rstrip("/") + f".old-{os.getpid()}"
     os.rename(path, old)

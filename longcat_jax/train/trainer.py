@@ -145,8 +145,10 @@ def initial_state(program: Program, rng, log=_log) -> TrainState:
   config = program.config
   if not config.init_from:
     return program.init(jnp.asarray(rng))
-  if init_from.is_hf(config.init_from):
-    return program.place(init_from.initial_state_from_hf(program.model.clone(placement=LOCAL), config, rng, log))
+  if init_from.is_hf(config.init_from):  # loaded shard by shard onto the mesh, never whole on one host
+    shardings = {"params": program.state_shardings.params, "expert_bias": program.state_shardings.expert_bias}
+    return program.place(init_from.initial_state_from_hf(program.model.clone(placement=LOCAL), config, rng, log,
+                                                         shardings=shardings))
   src = Checkpointer(config.init_from, async_save=False)
   step = src.latest_step()
   if step is None:

@@ -15,7 +15,10 @@ that its data store names.
 
 dtype: the default is the origin's stored dtype (from its config.json), else bfloat16. The router
 weights and the expert bias stay float32 (the released checkpoints keep them in high precision);
-everything else is cast. fp8 is refused until `save_pretrained` writes FP8 (issue 14).
+everything else is cast. `fp8` writes the released FP8 layout (block e4m3 `weight_scale_inv`,
+`quantization_config`); with no --dtype a run that started from an FP8 release is written in FP8
+again (the layout it was loaded from). The weights are restored sharded over the local devices
+(FSDP, the trainer's own layout) and written tensor by tensor from their shards.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import orbax.checkpoint as ocp
 from longcat_jax import config as config_lib
 from longcat_jax.interop import CheckpointError, save_pretrained
 from longcat_jax.model import LongcatForCausalLM
-from longcat_jax.train import init_from
+from longcat_jax.train import init_from, trainer
 from longcat_jax.train.checkpoint import Checkpointer, with_shardings
 from longcat_jax.train.step import abstract_train_state
 
@@ -67,13 +70,21 @@ def load_run(workdir: str, step: int | None = None, sharding=None):
   """(model, variables {"params", "expert_bias"}, step) of a run's checkpoint.
 
   Only the params and the expert bias are read (an orbax partial restore: the optimizer state
-  stays on disk), laid out with `sharding` (one sharding for every leaf; default: device 0).
+  stays on disk), laid out with `sharding` (one sharding for every leaf), by default the
+  trainer's FSDP layout over the local devices (`trainer.build` with mesh "fsdp=-1"), so no
+  stacked leaf is gathered on one device; the model then holds that mesh's placement.
   """
   config, step = run_config(workdir, step)
-  model = LongcatForCausalLM(config.model)
-  abstract = abstract_train_state(model, config)
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  wanted = with_shardings({"params": abstract.params, "expert_bias": abstract.expert_bias}, sharding)
+  if sharding is None:
+    config.mesh, config.dcn_mesh = "fsdp=-1", ""
+    program = trainer.build(config, trainer.make_mesh(config, jax.local_devices()))
+    model = program.model
+    abstract = program.abstract_state
+    wanted = {"params": abstract.params, "expert_bias": abstract.expert_bias}
+  else:
+    model = LongcatForCausalLM(config.model)
+    abstract = abstract_train_state(model, config)
+    wanted = with_shardings({"params": abstract.params, "expert_bias": abstract.expert_bias}, sharding)
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   try:
@@ -128,16 +139,16 @@ def export_run(workdir: str, out: str, step: int | None = None, dtype: str | Non
   """Writes the run's model to `out` (see the module docstring); returns `out`."""
   config, step = run_config(workdir, step)
   files_dir = run_files_dir(workdir, config)
+  requested = dtype is not None
   dtype = dtype or _stored_dtype(files_dir)
   if dtype not in DTYPES:
     raise ValueError(f"--dtype {dtype!r} must be one of {DTYPES}")
-  if dtype == "fp8":
-    raise ValueError("--dtype fp8: this save_pretrained writes no FP8 tensors yet (the released FP8 layout, "
-                     "*.weight_scale_inv blocks of 128, comes with issue 14); export bfloat16")
+  quantization = "fp8" if dtype == "fp8" else (None if requested else "auto")
+  stored = "bfloat16" if dtype == "fp8" else dtype   # FP8 blocks are quantized from bfloat16 weights
   model, variables, _ = load_run(workdir, step)
   c = model.config.copy_and_resolve_references()
-  c.param_dtype = c.dtype = dtype
-  save_pretrained(out, LongcatForCausalLM(c), cast_variables(variables, dtype))
+  c.param_dtype = c.dtype = stored
+  save_pretrained(out, model.clone(config=c), cast_variables(variables, stored), quantization=quantization)
   copied = _copy_files(files_dir, out, dtype)
   log(f"exported {workdir} step {step} -> {out} ({dtype}; copied {', '.join(copied) or 'no tokenizer files'})")
   return out
@@ -160,7 +171,7 @@ def _copy_files(files_dir: str | None, out: str, dtype: str) -> list[str]:
         theirs.pop("quantization_config", None)
       merged = {**theirs, **ours}
       if "torch_dtype" in theirs:
-        merged["torch_dtype"] = dtype
+        merged["torch_dtype"] = "bfloat16" if dtype == "fp8" else dtype
       with open(os.path.join(out, name), "w") as f:
         json.dump(merged, f, indent=2)
     else:

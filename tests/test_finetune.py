@@ -179,15 +179,13 @@ def test_bad_init_from_ends_with_one_message(tmp_path):
 
 
 def _tensors(path):
-  from safetensors import safe_open
-  with open(os.path.join(path, "model.safetensors.index.json")) as f:
-    files = sorted(set(json.load(f)["weight_map"].values()))
-  out = {}
-  for name in files:
-    with safe_open(os.path.join(path, name), framework="numpy") as f:
-      for k in f.keys():
-        out[k] = f.get_tensor(k)
-  return out
+  """Every stored tensor of a checkpoint directory as numpy (F8 and BF16 through ml_dtypes)."""
+  from longcat_jax.interop.safetensors_io import CheckpointFiles
+  files = CheckpointFiles(path)
+  try:
+    return {k: files.read(k) for k in files.keys()}
+  finally:
+    files.close()
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +236,22 @@ def test_export_load_export_is_bitwise(run, exported, tmp_path):
   assert sorted(first) == sorted(second)
   for k in first:
     assert first[k].dtype == second[k].dtype and first[k].tobytes() == second[k].tobytes(), k
-  assert export.main(["--run", run["workdir"], "--out", str(tmp_path / "fp8"), "--dtype", "fp8"]) == 1
+  # FP8 on request: the released layout (e4m3 blocks + weight_scale_inv, quantization_config);
+  # it loads back, and load -> save with the stored scales gives the same bytes.
+  fp8_dir = str(tmp_path / "fp8")
+  assert export.main(["--run", run["workdir"], "--out", fp8_dir, "--dtype", "fp8"]) == 0
+  q = _tensors(fp8_dir)
+  assert str(q["model.layers.0.mlp.experts.0.gate_proj.weight"].dtype) == "float8_e4m3fn"
+  assert "model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv" in q
+  with open(os.path.join(fp8_dir, "config.json")) as f:
+    assert json.load(f)["quantization_config"]["fmt"] == "e4m3"
+  model, variables = lj.load_pretrained(fp8_dir)
+  again = str(tmp_path / "fp8_again")
+  lj.save_pretrained(again, model, variables, fp8_scales=fp8_dir)
+  second = _tensors(again)
+  assert sorted(q) == sorted(second)
+  for k in q:
+    assert q[k].dtype == second[k].dtype and q[k].tobytes() == second[k].tobytes(), k
 
 
 # ---------------------------------------------------------------------------------------------

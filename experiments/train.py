@@ -3,7 +3,9 @@
 With no arguments: `experiments/configs/default.py` on the Python standard library's sources, in
 ./runs/default. Running the same command again resumes from the last checkpoint (or says the run
 is done). Metrics: DIR/metrics.jsonl and TensorBoard events in DIR/tensorboard; checkpoints in
-DIR/checkpoints (orbax). See longcat_jax/train/trainer.py.
+DIR/checkpoints (orbax). SIGTERM / SIGINT stop after the step in flight, save and exit 0 (rerun
+to resume). A failure prints one line and exits 1; tracebacks, warnings and library logs
+(stderr) go to DIR/train.log. See longcat_jax/train/trainer.py and longcat_jax/train/faults.py.
 """
 
 import os
@@ -31,8 +33,10 @@ def main(argv):
   from absl import logging  # orbax logs every save step at INFO
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from longcat_jax.train import trainer
-  trainer.run(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+  from longcat_jax.train import faults, trainer
+  # [issue 19] any failure: one console line, exit 1; tracebacks and library logs in WORKDIR/train.log
+  with faults.one_line_errors(_WORKDIR.value):
+    trainer.run(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,10 @@ checkpoints intact; a leftover temporary directory is never listed as a checkpoi
 
 Integrity. Orbax's zstd chunks carry no checksum: a flipped byte in an array file is, as often as
 not, restored silently as garbage. So `save` stores in `meta["integrity"]` a 64-bit checksum of
-every state array (`tree_checksums`) and a SHA-256 of the data-iterator state, and `restore`
-recomputes and compares them, raising `CorruptCheckpoint` naming the step, the array and the
-item directory. The array checksum is of the GLOBAL value, computed on device inside one jit with
-integer sums mod 2^32 (associative, so exact whatever the reduction order): it is the same for any
-mesh, sharding or process count, so a checkpoint saved on one layout verifies on another, and
-each process only reads back a few bytes. `restore_intact` walks from the newest checkpoint back
+every state array (`checksum.tree_checksums`: of the GLOBAL value, exact integer sums on device,
+so the same on any mesh or process count) and a SHA-256 of the data-iterator state; `restore`
+recomputes and compares them, raising `CorruptCheckpoint` naming the step, the array and the item
+directory. `restore` returns `meta` without that entry. `restore_intact` walks from the newest checkpoint back
 and restores the newest one that reads and verifies, saying which ones it skipped and why
 (`strict=True` refuses instead).
 
@@ -38,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import re
@@ -46,9 +43,9 @@ import shutil
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
+
+from longcat_jax.train.checksum import json_checksum, tree_checksums
 
 ON_SAVE_ERROR = ("stop", "retry")
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -67,85 +64,10 @@ class SaveError(CheckpointError):
   """A save that did not produce a complete checkpoint."""
 
 
-# ----------------------------------------------------------------------------- checksums
-
-def _words(x) -> jax.Array:
-  """Every element of `x` as uint32 bits (same shape): the input of the checksum."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  size = x.dtype.itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  if size in (1, 2):
-    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
-  if size == 8:  # [..., 2] words; fold the high word in with an odd multiplier (every bit still counts)
-    w = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return w[..., 0] + w[..., 1] * jnp.uint32(0x01000193)
-  raise TypeError(f"no checksum for dtype {x.dtype}")
-
-
-def _array_checksum(x) -> jax.Array:
-  """uint32 [2]: (sum of words, sum of words * odd hash of their flat index), both mod 2^32.
-
-  A single flipped bit changes the first sum by +-2^b, never 0 mod 2^32; the second sum makes the
-  checksum position-sensitive (swapped chunks are caught). Integer addition is associative, so
-  the value does not depend on how a sharded reduction is ordered.
-  """
-  w = _words(x)
-  idx = jnp.zeros(w.shape, jnp.uint32)
-  stride = 1
-  for d in reversed(range(w.ndim)):
-    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % (1 << 32))
-    stride *= w.shape[d]
-  h = (idx * jnp.uint32(0x9E3779B1)) ^ (idx >> 15) | jnp.uint32(1)
-  return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * h, dtype=jnp.uint32)])
-
-
-@jax.jit
-def _checksums_jit(leaves):
-  return jnp.stack([_array_checksum(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
-
-
-def _host(x) -> np.ndarray:
-  """A small (replicated) jax.Array to numpy on every process."""
-  if getattr(x, "is_fully_replicated", True):
-    return np.asarray(x.addressable_shards[0].data if hasattr(x, "addressable_shards") else x)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def tree_checksums(tree) -> dict[str, str]:
-  """{key path: 16 hex digits} of every array leaf of `tree` (global values; see module docstring)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if not flat:
-    return {}
-  sums = _host(_checksums_jit([jnp.asarray(v) for _, v in flat]))
-  return {key_name(k): f"{int(a):08x}{int(b):08x}" for (k, _), (a, b) in zip(flat, sums)}
-
-
-def key_name(path) -> str:
-  """'params/decoder/layers/moe/router/kernel': a key path, the same for a dataclass or a dict."""
-  parts = []
-  for p in path:
-    for attr in ("name", "key", "idx"):
-      if hasattr(p, attr):
-        parts.append(str(getattr(p, attr)))
-        break
-  return "/".join(parts)
-
-
-def json_checksum(obj) -> str:
-  """SHA-256 of the canonical JSON of `obj` (the data-iterator state)."""
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def verify(state, data, meta, where: str) -> None:
+def verify(state, data, saved: dict | None, where: str) -> None:
   """Raises CorruptCheckpoint naming the first array (or the data state) that does not match
-  the checksums saved in `meta`. A checkpoint without checksums (written before they existed)
-  passes."""
-  saved = (meta or {}).get("integrity")
+  the checksums `saved` (meta["integrity"]). A checkpoint without checksums (written before they
+  existed) passes."""
   if not saved:
     return
   got = tree_checksums(state)
@@ -348,12 +270,13 @@ class Checkpointer:
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       raise CorruptCheckpoint(f"{where}: {short_reason(e)}") from e
-    state = out["state"]
+    state, meta = out["state"], dict(out["meta"])
+    saved_integrity = meta.pop("integrity", None)
     if missing:
       self.log(f"{where}: no {sorted(missing)} in this (older) checkpoint; starting them fresh")
       state = abstract_state.replace(**state, **missing)
-    verify(state, out["data"], out["meta"], where)
-    return state, out["data"], out["meta"]
+    verify(state, out["data"], saved_integrity, where)
+    return state, out["data"], meta
 
   def restore_intact(self, abstract_state, *, strict: bool = False, defaults: dict | None = None
                      ) -> tuple[Any, dict, dict, int]:
@@ -380,7 +303,8 @@ class Checkpointer:
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return {k: v for k, v in meta.items() if k != "integrity"}
 
   def close(self) -> None:
     self.wait()

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from longcat_jax.model import LongcatForCausalLM
 from longcat_jax.train import config as config_lib
-from longcat_jax.train import growth, metrics as metrics_lib
+from longcat_jax.train import faults, growth, metrics as metrics_lib, spike as spike_lib
 from longcat_jax.train.checkpoint import Checkpointer, with_shardings
 from longcat_jax.train.step import abstract_train_state, init_train_state, make_train_step, state_from_params
 
@@ -61,15 +61,20 @@ def initial_state(model, config, rng, log=_log):
   """Fresh state, or a grown one when `config.init_from` names a trained run's checkpoints."""
   if not config.init_from:
     return init_train_state(model, config, rng)
-  src = Checkpointer(config.init_from, async_save=False)
-  step = src.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"init_from={config.init_from!r} holds no complete checkpoint")
-  meta = src.read_meta(step)
-  src_config = config_lib.ConfigDict(json.loads(meta["config"]))
-  src_model = LongcatForCausalLM(src_config.model)
-  src_state, _, _ = src.restore(abstract_train_state(src_model, src_config), step)
-  src.close()
+  if not os.path.isdir(config.init_from):  # [issue 19] before orbax: one error, no background thread
+    raise FileNotFoundError(f"init_from={config.init_from!r}: no such directory")
+  src = Checkpointer(config.init_from, async_save=False, read_only=True, log=log)
+  try:
+    step = src.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init_from={config.init_from!r} holds no complete checkpoint")
+    meta = src.read_meta(step)
+    src_config = config_lib.ConfigDict(json.loads(meta["config"]))
+    src_model = LongcatForCausalLM(src_config.model)
+    src_state, _, _ = src.restore(abstract_train_state(src_model, src_config), step,
+                                  defaults={"guard": spike_lib.init_stats()})
+  finally:
+    src.close()
   want = src_config.model.num_layers * config.grow_factor
   if config.model.num_layers != want:
     raise ValueError(f"model.num_layers={config.model.num_layers} but growing the {src_config.model.num_layers}-layer "
@@ -122,10 +127,14 @@ def run(config, workdir: str, *, progress: bool = True, log=_log) -> dict:
   abstract = abstract_train_state(model, config)
   shardings = state_shardings(abstract, mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every,
-                      keep=config.keep_checkpoints, async_save=config.async_checkpoint)
+                      keep=config.keep_checkpoints, async_save=config.async_checkpoint,
+                      on_save_error=config.on_save_error, log=log)
   meta = {"config": config.to_json()}
   if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(with_shardings(abstract, shardings))
+    # [issue 19] the newest checkpoint that reads and verifies (strict_resume: refuse a bad one)
+    state, data_state, _, _ = ckpt.restore_intact(with_shardings(abstract, shardings), strict=config.strict_resume,
+                                                  defaults={"guard": jax.device_put(spike_lib.init_stats(),
+                                                                                    shardings.guard)})
     it.set_state(data_state)
     log(f"resumed from {ckpt.directory} step {int(state.step)}")
   else:
@@ -141,7 +150,7 @@ def run(config, workdir: str, *, progress: bool = True, log=_log) -> dict:
     state = summary.pop("state")
   ckpt.close()
 
-  if config.sample_tokens > 0:
+  if config.sample_tokens > 0 and not summary.get("preempted"):
     prompt = tokenizer.encode(config.sample_prompt)
     if getattr(tokenizer, "bos_id", None) is not None:
       prompt = [tokenizer.bos_id] + list(prompt)
@@ -166,10 +175,16 @@ def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, 
   first_loss = last_loss = None
   t_prev = time.perf_counter()
   t_start, compile_s, skipped = t_prev, None, 0
+  spikes_in_a_row, preempted = 0, False
+  preempt = faults.Preemption(log=log)  # [issue 19] SIGTERM / SIGINT: stop after this step, save
   for step in range(start + 1, config.total_steps + 1):
     batch = next(it)
+    prev = state
     state, m = step_fn(state, batch)
     m = jax.device_get(m)
+    if config.sdc_every and step % config.sdc_every == 0:  # [issue 19] rerun, compare gradients bitwise
+      state, m = faults.recheck_step(step_fn, prev, batch, (state, m), step, log)
+    del prev
     now = time.perf_counter()
     dt, t_prev = now - t_prev, now
     if compile_s is None:
@@ -184,6 +199,19 @@ def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, 
         writer.close()
         bar.close()
         raise NonFiniteLoss(f"step {step}: non-finite loss {loss}; last checkpoint: step {ckpt.latest_step()}")
+    if m["spike"]:  # [issue 19] spike guard
+      skipped += 1
+      spikes_in_a_row += 1
+      log(f"step {step}: loss spike, update skipped ({spikes_in_a_row} in a row): loss {loss:.4f} "
+          f"(limit {float(m['loss_limit']):.4f}), grad norm {float(m['grad_norm']):.4g} "
+          f"(limit {float(m['grad_norm_limit']):.4g})")
+      if spikes_in_a_row >= config.spike.max_in_a_row:
+        writer.close()
+        bar.close()
+        raise faults.RunStopped(f"step {step}: {spikes_in_a_row} loss spikes in a row (spike.max_in_a_row="
+                                f"{config.spike.max_in_a_row}); last checkpoint: step {ckpt.latest_step()}")
+    else:
+      spikes_in_a_row = 0
     first_loss = loss if first_loss is None else first_loss
     last_loss = loss
     fpt = np.asarray(m["ffn_experts_mean"])
@@ -199,9 +227,18 @@ def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, 
     bar.update(1)
     if not progress and (step % max(config.log_every, 10) == 0 or step == config.total_steps):
       log(f"step {step}: loss {loss:.4f} nll {float(m['nll']):.4f} ffn/token {fpt.mean():.2f} {tok_s:.0f} tok/s")
-    ckpt.save(step, state, data=it.get_state(), meta=meta, force=step == config.total_steps)
+    preempted = preempt.should_stop(step)  # [issue 19] every process agrees on the step
+    ckpt.save(step, state, data=it.get_state(), meta=meta, force=step == config.total_steps or preempted)
+    if preempted:
+      ckpt.wait()
+      break
+  preempt.close()
   bar.close()
   writer.close()
+  if preempted:
+    log(preempt.message(step, ckpt.step_dir(step)))
+    return {"state": state, "first_loss": first_loss, "last_loss": last_loss, "skipped_steps": skipped,
+            "preempted": step, "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s}
   total_s = time.perf_counter() - t_start
   log(f"trained steps {start + 1}..{config.total_steps} in {total_s:.0f}s (first step incl. compile {compile_s:.0f}s); "
       f"loss {first_loss:.3f} -> {last_loss:.3f}; checkpoint {ckpt.directory}, metrics {writer.path}")

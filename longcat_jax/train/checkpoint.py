@@ -21,8 +21,8 @@ every state array (`checksum.tree_checksums`: of the GLOBAL value, exact integer
 so the same on any mesh or process count) and a SHA-256 of the data-iterator state; `restore`
 recomputes and compares them, raising `CorruptCheckpoint` naming the step, the array and the item
 directory. `restore` returns `meta` without that entry. `restore_intact` walks from the newest checkpoint back
-and restores the newest one that reads and verifies, saying which ones it skipped and why
-(`strict=True` refuses instead).
+and restores the newest one that reads and verifies, saying which ones it skipped and why, and
+renames those to `<step>.corrupt` (`strict=True` refuses instead).
 
 Save failures (no space, no permission, a vanished directory) raise, or with
 `on_save_error="retry"` log, one `SaveError` line naming the step, the path, the reason and the
@@ -297,9 +297,21 @@ class Checkpointer:
         self.log(f"checkpoint unreadable, skipped: {e}" + (f"; trying step {rest[0]}" if rest else ""))
         continue
       if i:
+        self._set_aside(steps[:i])
         self.log(f"restored step {step}, the newest intact checkpoint in {self.directory}")
       return state, data, meta, step
     raise CorruptCheckpoint(f"{self.directory}: none of the checkpoints {sorted(steps)} is intact")
+
+  def _set_aside(self, steps) -> None:
+    """Renames bad step directories to `<step>.corrupt` (kept for inspection, never listed), so the
+    resumed run can save those steps again."""
+    if jax.process_index() == 0:
+      for step in steps:
+        dst = self.step_dir(step) + ".corrupt"
+        shutil.rmtree(dst, ignore_errors=True)
+        os.rename(self.step_dir(step), dst)
+        self.log(f"moved {self.step_dir(step)} aside to {dst}")
+    self.manager.reload()
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

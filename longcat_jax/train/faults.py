@@ -35,6 +35,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -142,6 +143,21 @@ def lost_processes(timeout_s: float = 120.0) -> list[int] | None:
   return sorted(set(range(n)) - out["live"]) if "live" in out else None
 
 
+def coordinator_reachable(timeout_s: float = 2.0) -> bool:
+  """Whether process 0's coordination service still accepts connections (a plain TCP connect: a
+  dead coordinator makes the JAX client abort this process, so it is not asked first)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  addr = jax_distributed.global_state.coordinator_address
+  if not addr or jax.process_index() == 0:
+    return True
+  host, _, port = addr.rpartition(":")
+  try:
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+      return True
+  except OSError:
+    return False
+
+
 def is_peer_failure(exc: BaseException) -> bool:
   """Whether `exc` looks like another process of a multi-process run having gone away."""
   if jax.process_count() == 1:
@@ -154,17 +170,25 @@ def is_peer_failure(exc: BaseException) -> bool:
   return False
 
 
-def describe(exc: BaseException, lost_timeout_s: float = 120.0) -> str:
-  """One line for the console: our own errors verbatim, lost processes named, else type + message."""
+def describe(exc: BaseException) -> str:
+  """One line for the console: our own errors verbatim, else type + message (see `peer_failure_line`)."""
   if isinstance(exc, (CheckpointError, SilentCorruption, RunStopped)):
     return str(exc)
-  if is_peer_failure(exc):
-    lost = lost_processes(lost_timeout_s)
-    who = (f"lost process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}" if lost
-           else "lost contact with another process")
-    return (f"process {jax.process_index()} of {jax.process_count()}: {who} ({short_reason(exc, 200)}); "
-            "stopping. Rerun all processes to resume from the last checkpoint")
   return short_reason(exc)
+
+
+def write_peer_failure(exc: BaseException, out, lost_timeout_s: float = 120.0) -> None:
+  """Writes ONE line for a lost process to `out`, in two parts: what failed (flushed at once), then
+  which processes the coordination service no longer sees. The service answers at its heartbeat
+  timeout, the same moment it may terminate this process; the first part is out by then."""
+  out.write(f"error: process {jax.process_index()} of {jax.process_count()}: a collective failed "
+            f"({short_reason(exc, 200)}); ")
+  out.flush()
+  lost = [0] if not coordinator_reachable() else lost_processes(lost_timeout_s)
+  who = (f"lost process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}" if lost
+         else "another process is gone")
+  out.write(f"{who}; stopping. Rerun all processes to resume from the last checkpoint\n")
+  out.flush()
 
 
 class RunStopped(RuntimeError):
@@ -199,9 +223,10 @@ def one_line_errors(workdir: str, log_name: str = LOG_NAME, *, lost_timeout_s: f
 
   threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
 
-  def die(line: str, code: int):
+  def die(line: str | None, code: int):
     sys.stdout.flush()
-    console.write(f"{line}\n  (details: {path})\n")
+    console.write(f"{line}\n" if line else "")
+    console.write(f"  (details: {path})\n")
     console.flush()
     logf.flush()
     os._exit(code)  # pylint: disable=protected-access
@@ -218,7 +243,11 @@ def one_line_errors(workdir: str, log_name: str = LOG_NAME, *, lost_timeout_s: f
     die("interrupted (second SIGINT): stopped without saving; the last checkpoint is intact", 130)
   except BaseException as e:  # pylint: disable=broad-except
     traceback.print_exc(file=logf)
-    die(f"error: {describe(e, lost_timeout_s)}", 1)
+    if is_peer_failure(e):
+      sys.stdout.flush()
+      write_peer_failure(e, console, lost_timeout_s)
+      die(None, 1)
+    die(f"error: {describe(e)}", 1)
   finally:
     threading.excepthook, sys.unraisablehook = old_thread_hook, old_unraisable
 

@@ -1,0 +1,210 @@
+"""Faults injected for real: flipped bytes and deleted files in checkpoints, a full and a read-only
+disk (a small tmpfs), a SIGTERM'd and a SIGKILLed process of a 2-process run, a loss spike and a
+perturbed gradient. (SIGTERM of the training job and the bitwise resumes: test_train_resume.py.)"""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from longcat_jax.train import checksum
+from longcat_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, SaveError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+def test_checksum_is_exact_layout_independent_and_sees_every_bit():
+  rng = np.random.default_rng(0)
+  arrays = {"f32": rng.standard_normal((8, 12)).astype(np.float32),
+            "bf16": jnp.asarray(rng.standard_normal((16, 4)), jnp.bfloat16),
+            "i32": rng.integers(-2**31, 2**31 - 1, (8, 3), dtype=np.int32),
+            "u8": rng.integers(0, 255, (8,), dtype=np.uint8), "bool": rng.random((8, 2)) > 0.5,
+            "scalar": np.float32(3.5)}
+  one = checksum.tree_checksums(jax.tree.map(jnp.asarray, arrays))
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+  spec = lambda x: P() if np.ndim(x) == 0 else P("a", *(["b"] if np.ndim(x) > 1 and np.shape(x)[1] % 4 == 0 else []))
+  sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), arrays)
+  assert not sharded["f32"].is_fully_replicated
+  assert checksum.tree_checksums(sharded) == one  # integer sums: the same on any layout
+
+  f32 = arrays["f32"]
+  for flat_index, bit in ((0, 0), (37, 31), (95, 17)):  # any single flipped bit changes it
+    bad = f32.copy().view(np.uint32)
+    bad.reshape(-1)[flat_index] ^= np.uint32(1 << bit)
+    assert checksum.tree_checksums({"f32": jnp.asarray(bad.view(np.float32))})["f32"] != one["f32"]
+  swapped = f32.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]  # same values, different places
+  assert checksum.tree_checksums({"f32": jnp.asarray(swapped)})["f32"] != one["f32"]
+
+
+# ----------------------------------------------------------------------------- corrupt checkpoints
+
+def _state(step):
+  return {"w": jnp.arange(50_000, dtype=jnp.float32) * step, "b": jnp.full((3, 4), step, jnp.bfloat16)}
+
+
+def _flip_bytes(path):
+  b = bytearray(open(path, "rb").read())
+  for i in (len(b) // 3, len(b) // 2):
+    b[i] ^= 0xA5
+  open(path, "wb").write(b)
+
+
+def _biggest_file(step_dir):
+  return max(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
+
+
+def test_restore_names_bad_checkpoints_and_uses_the_newest_intact(tmp_path):
+  d = str(tmp_path / "ckpt")
+  ckpt = Checkpointer(d, every=1, keep=5, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), data={"next": step})
+  ckpt.close()
+  abstract = jax.eval_shape(lambda: _state(1))
+  _flip_bytes(_biggest_file(os.path.join(d, "3")))          # silently wrong bytes (zstd has no checksum)
+  os.remove(_biggest_file(os.path.join(d, "2")))            # a missing data file
+  os.makedirs(os.path.join(d, "4.orbax-checkpoint-tmp", "state"))  # a save that never finished
+
+  logs = []
+  with pytest.raises(CorruptCheckpoint, match=r"3/state: array w checksum mismatch.*strict_resume"):
+    Checkpointer(d, every=1, log=logs.append).restore_intact(abstract, strict=True)
+  assert any("4.orbax-checkpoint-tmp: an unfinished save" in l for l in logs), logs
+  logs = []
+  ckpt = Checkpointer(d, every=1, keep=5, log=logs.append)
+  state, data, meta, step = ckpt.restore_intact(abstract)
+  assert step == 1 and data == {"next": 1} and "integrity" not in meta
+  np.testing.assert_array_equal(state["w"], np.asarray(_state(1)["w"]))
+  text = "\n".join(logs)
+  assert f"{d}/3/state: array w checksum mismatch" in text, text
+  assert f"{d}/2: " in text and "Error reading" in text and "trying step 1" in text, text
+  assert f"restored step 1, the newest intact checkpoint in {d}" in text, text
+  # The bad ones are set aside (never listed again), so the resumed run can save those steps.
+  assert sorted(os.listdir(d)) == ["1", "2.corrupt", "3.corrupt"] and ckpt.all_steps() == [1]
+  ckpt.save(2, _state(2), data={"next": 2})
+  ckpt.close()
+  assert Checkpointer(d).restore_intact(abstract)[3] == 2
+  print("\n".join(logs))
+
+
+# ----------------------------------------------------------------------------- save failures
+
+@pytest.fixture
+def small_disk():
+  """A 1.5 MB tmpfs (needs root); skips where it cannot be mounted."""
+  mnt = tempfile.mkdtemp(prefix="small_disk_")
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", mnt], capture_output=True, text=True)
+  if r.returncode:
+    os.rmdir(mnt)
+    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  try:
+    yield mnt
+  finally:
+    subprocess.run(["umount", "-l", mnt], check=False)
+    os.rmdir(mnt)
+
+
+def test_save_failures_no_space_and_read_only(small_disk):
+  d = os.path.join(small_disk, "ckpt")
+  small = {"w": jnp.ones((1000,), jnp.float32)}
+  big = {"w": jnp.asarray(np.random.default_rng(0).random(400_000, dtype=np.float32))}  # 1.6 MB > disk
+  logs = []
+  ckpt = Checkpointer(d, every=1, keep=5, on_save_error="retry", log=logs.append)  # async
+  ckpt.save(1, small, data={"next": 1})
+  ckpt.wait()
+  ckpt.save(2, big, data={"next": 2})
+  ckpt.wait()  # the failure of the background write surfaces here
+  assert len(logs) == 1 and "checkpoint save of step 2" in logs[0] and "No space left on device" in logs[0], logs
+  assert f"last good checkpoint: step 1 ({d}/1)" in logs[0] and "training continues" in logs[0], logs
+  assert sorted(os.listdir(d)) == ["1"]  # no temp dir left that a restore could take for a checkpoint
+  ckpt.save(3, small, data={"next": 3})  # retry at the next interval: there is room again
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 3]
+
+  subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
+  ckpt.on_save_error = "stop"
+  with pytest.raises(SaveError, match=r"step 4 .* failed: Read-only file system.*last good checkpoint: step 3"):
+    ckpt.save(4, small, data={"next": 4})
+  subprocess.run(["mount", "-o", "remount,rw", small_disk], check=True)
+  ckpt.close()
+  state, data, _, step = Checkpointer(d).restore_intact(jax.eval_shape(lambda: small))
+  assert step == 3 and data == {"next": 3}
+  np.testing.assert_array_equal(state["w"], np.ones(1000, np.float32))
+  print("\n".join(logs))
+
+
+# ----------------------------------------------------------------------------- 2 processes
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdir, heartbeat):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "fault_case.py"), "--process-id", str(i),
+                             "--num-processes", "2", "--port", str(port), "--workdir", str(workdir),
+                             "--heartbeat", str(heartbeat)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  return procs
+
+
+def _wait_for_line(proc, text, deadline):
+  lines = []
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    lines.append(line)
+    if line.startswith(text):
+      return lines
+  raise AssertionError(f"no {text!r} line:\n{''.join(lines)[-3000:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_two_processes_one_signalled(tmp_path, sig):
+  heartbeat = 5
+  procs = _two_processes(tmp_path, heartbeat)
+  try:
+    _wait_for_line(procs[0], "step 20", time.time() + 120)
+    _wait_for_line(procs[1], "step 20", time.time() + 120)
+    procs[1].send_signal(sig)
+    t0 = time.time()
+    outs = [p.communicate(timeout=heartbeat + 60)[0] for p in procs]
+    waited = time.time() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  tails = [o.strip().splitlines()[-2:] for o in outs]
+  if sig == signal.SIGTERM:  # both stop at the same step, save it, exit 0
+    assert [p.returncode for p in procs] == [0, 0], outs
+    stops = [t[-1] for t in tails]
+    assert all(s.startswith("preempted (") and "all 2 processes agreed" in s for s in stops), stops
+    assert stops[0].split("step ")[1].split(" ")[0] == stops[1].split("step ")[1].split(" ")[0], stops
+    step = int(stops[0].split("stopped after step ")[1].split(" ")[0])
+    assert max(Checkpointer(str(tmp_path / "checkpoints")).all_steps()) == step
+  else:  # the survivor names the dead process within the heartbeat timeout, exits 1
+    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode == 1, outs[0][-3000:]
+    assert waited < heartbeat + 10, f"took {waited:.1f}s with a {heartbeat}s heartbeat timeout"
+    err = [l for l in outs[0].splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "lost process 1" in err[0], outs[0][-3000:]
+    assert "Traceback" not in outs[0] and "details: " in outs[0]
+  print(f"{sig.name}: {waited:.1f}s\n" + "\n".join(" | ".join(t) for t in tails))

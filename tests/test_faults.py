@@ -208,3 +208,103 @@ def test_two_processes_one_signalled(tmp_path, sig):
     assert len(err) == 1 and "lost process 1" in err[0], outs[0][-3000:]
     assert "Traceback" not in outs[0] and "details: " in outs[0]
   print(f"{sig.name}: {waited:.1f}s\n" + "\n".join(" | ".join(t) for t in tails))
+
+
+# ----------------------------------------------------------------------------- spike guard, SDC check
+
+def test_spike_statistics_match_the_formula():
+  from longcat_jax.config import ConfigDict
+  from longcat_jax.train import spike
+  cfg = ConfigDict(dict(loss_sigmas=3.0, grad_norm_sigmas=0.0, warmup_steps=3, ema=0.5, max_in_a_row=2))
+  xs = [5.0, 4.0, 4.5, 4.2]
+  stats, mean, var = spike.init_stats(), 0.0, 0.0
+  for n, x in enumerate(xs):  # reference: exponentially weighted mean/variance, uniform start
+    alpha = max(1 - cfg.ema, 1 / (n + 1))
+    delta = x - mean
+    mean, var = mean + alpha * delta, (1 - alpha) * (var + alpha * delta ** 2)
+    stats = spike.update_stats(stats, jnp.float32(x), jnp.float32(1.0), jnp.bool_(True), cfg)
+  np.testing.assert_allclose([float(stats["loss_mean"]), float(stats["loss_var"])], [mean, var], rtol=1e-6)
+  limit = mean + 3.0 * max(np.sqrt(var), 0.01 * mean)
+  for x, want in ((limit * 0.999, False), (limit * 1.001, True)):
+    got, lim = spike.is_spike(stats, jnp.float32(x), jnp.float32(1.0), cfg)
+    assert bool(got) == want and np.isclose(float(lim["loss"]), limit) and np.isinf(float(lim["grad_norm"]))
+  unchanged = spike.update_stats(stats, jnp.float32(100.0), jnp.float32(1.0), jnp.bool_(False), cfg)
+  assert all(float(unchanged[k]) == float(stats[k]) for k in stats)
+
+
+def _smoke_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "experiments", "configs",
+                                                                                "default.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config("smoke")
+
+
+class _SpikyIterator:
+  """The training iterator with the targets of some batches (1-based) set to an id the byte
+  tokenizer never produces: a loss spike."""
+
+  def __init__(self, inner, spikes, token):
+    self.inner, self.spikes, self.token, self.n = inner, spikes, token, 0
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.n += 1
+    if self.n in self.spikes:
+      batch = dict(batch, targets=np.full_like(np.asarray(batch["targets"]), self.token))
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def _flip_one_bit(state):
+  """`state` with the lowest mantissa bit of its first parameter element flipped (a memory SDC)."""
+  leaves, treedef = jax.tree.flatten(state.params)
+  x = np.asarray(leaves[0]).copy()
+  x.reshape(-1).view(np.uint32)[0] ^= np.uint32(1)
+  leaves[0] = jax.device_put(x, leaves[0].sharding)
+  return state.replace(params=jax.tree.unflatten(treedef, leaves))
+
+
+def test_spike_guard_and_sdc_check_in_the_training_loop(tmp_path, monkeypatch):
+  import longcat_jax.data as data_lib
+  from longcat_jax.train import faults, trainer
+  cfg = _smoke_config()
+  cfg.total_steps, cfg.checkpoint_every, cfg.sample_tokens = 10, 100, 0
+  cfg.data.cache_dir = str(tmp_path / "corpus")
+  cfg.sdc_every = 5
+  cfg.spike.update(loss_sigmas=3.0, grad_norm_sigmas=3.0, warmup_steps=4, max_in_a_row=2)
+  monkeypatch.setattr(trainer, "make_mesh", lambda: Mesh(np.array(jax.devices()[:1]), ("data",)))  # 1 compile, small
+  real_iterator = data_lib.make_train_iterator
+  monkeypatch.setattr(data_lib, "make_train_iterator",
+                      lambda *a, **k: _SpikyIterator(real_iterator(*a, **k), {8, 9}, cfg.model.vocab_size - 1))
+  # Silent data corruption in the SDC check's rerun of step 5: one weight bit flipped in memory,
+  # so that run computes different gradients from the same inputs.
+  real_recheck = faults.recheck_step
+
+  def recheck(step_fn, state, batch, result, step, log):
+    calls = []
+
+    def flaky(s, b):
+      calls.append(step)
+      return step_fn(_flip_one_bit(s) if step == 5 and len(calls) == 1 else s, b)
+
+    return real_recheck(flaky, state, batch, result, step, log)
+
+  monkeypatch.setattr(faults, "recheck_step", recheck)
+  logs = []
+  with pytest.raises(faults.RunStopped, match=r"step 9: 2 loss spikes in a row"):
+    trainer.run(cfg, str(tmp_path / "run"), progress=False, log=logs.append)
+  text = "\n".join(logs)
+  assert "step 5: SDC check failed: two runs of the step on the same inputs gave different gradients" in text, text
+  assert "step 5: redone; the third run agrees with the first, kept" in text, text
+  assert text.count("SDC check failed") == 1, text
+  assert "step 8: loss spike, update skipped (1 in a row)" in text, text
+  assert "step 9: loss spike, update skipped (2 in a row)" in text, text
+  assert not any(f"step {s}: loss spike" in text for s in range(1, 8)), text
+  print(text)

@@ -160,12 +160,8 @@ def _batch_norms(batch, n_mtp: int, n_micro: int):
   return n_loss, n_real, n_mtp_tokens, jnp.asarray(n_micro, jnp.float32)
 
 
-def make_train_step(model, config, *, grad_transform=None):
-  """The pure training step `(state, batch) -> (state, metrics)`; see the module docstring.
-
-  `grad_transform(grads) -> grads` (optional) is applied to the gradients before anything else
-  sees them: fault injection in tests.
-  """
+def make_train_step(model, config):
+  """The pure training step `(state, batch) -> (state, metrics)`; see the module docstring."""
   c = config.model
   spike_cfg = config.get("spike")
   sdc = bool(config.get("sdc_every", 0))
@@ -202,8 +198,6 @@ def make_train_step(model, config, *, grad_transform=None):
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
       fpt = jnp.moveaxis(fpt, 0, 1).reshape((fpt.shape[1], -1) + fpt.shape[3:])  # [L, B, S]
 
-    if grad_transform is not None:
-      grads = grad_transform(grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -45,8 +45,13 @@ def _main():
     step_fn = jax.jit(lambda w, x: w + x.sum(), out_shardings=rep)
     w = jax.device_put(jnp.zeros((4,), jnp.float32), rep)
     ckpt = Checkpointer(os.path.join(a.workdir, "checkpoints"), every=5, keep=2)
+    start = 0
+    if ckpt.latest_step() is not None:  # a rerun resumes (each step adds 2: w == 2 * step)
+      restored, data, _, start = ckpt.restore_intact({"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=rep)})
+      w = restored["w"]
+      print(f"resumed from step {start}: w {float(w[0])}, data {data}", flush=True)
     with faults.Preemption() as preempt:
-      for step in range(1, a.steps + 1):
+      for step in range(start + 1, a.steps + 1):
         w = step_fn(w, x)
         float(w[0])  # the host waits for the collective, as the trainer's metrics fetch does
         stop = preempt.should_stop(step)
@@ -58,6 +63,7 @@ def _main():
         print(f"step {step}", flush=True)
         time.sleep(0.02)
     ckpt.close()
+    print(f"done at step {step}: w {float(w[0])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def _biggest_file(step_dir):
   return max(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's abandoned reads
 def test_restore_names_bad_checkpoints_and_uses_the_newest_intact(tmp_path):
   d = str(tmp_path / "ckpt")
   ckpt = Checkpointer(d, every=1, keep=5, async_save=False)
@@ -154,13 +155,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, heartbeat):
+def _two_processes(workdir, heartbeat, *extra):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "fault_case.py"), "--process-id", str(i),
                              "--num-processes", "2", "--port", str(port), "--workdir", str(workdir),
-                             "--heartbeat", str(heartbeat)],
+                             "--heartbeat", str(heartbeat), *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   return procs
@@ -193,7 +194,7 @@ def test_two_processes_one_signalled(tmp_path, sig):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  tails = [o.strip().splitlines()[-2:] for o in outs]
+  tails = [[l for l in o.strip().splitlines() if not l.startswith("done at")][-2:] for o in outs]
   if sig == signal.SIGTERM:  # both stop at the same step, save it, exit 0
     assert [p.returncode for p in procs] == [0, 0], outs
     stops = [t[-1] for t in tails]
@@ -207,6 +208,14 @@ def test_two_processes_one_signalled(tmp_path, sig):
     err = [l for l in outs[0].splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "lost process 1" in err[0], outs[0][-3000:]
     assert "Traceback" not in outs[0] and "details: " in outs[0]
+  # The rerun resumes from the last checkpoint with nothing lost (w == 2 * step throughout).
+  last = max(Checkpointer(str(tmp_path / "checkpoints")).all_steps())
+  procs = _two_processes(tmp_path, heartbeat, "--steps", str(last + 3))
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    assert f"resumed from step {last}: w {2.0 * last}, data {{'step': {last}}}" in out, out[-3000:]
+    assert f"done at step {last + 3}: w {2.0 * (last + 3)}" in out, out[-3000:]
   print(f"{sig.name}: {waited:.1f}s\n" + "\n".join(" | ".join(t) for t in tails))
 
 
@@ -308,3 +317,32 @@ def test_spike_guard_and_sdc_check_in_the_training_loop(tmp_path, monkeypatch):
   assert "step 9: loss spike, update skipped (2 in a row)" in text, text
   assert not any(f"step {s}: loss spike" in text for s in range(1, 8)), text
   print(text)
+
+
+def test_older_checkpoint_without_a_new_state_field_restores_with_its_default(tmp_path):
+  import flax
+
+  @flax.struct.dataclass
+  class Old:
+    step: jax.Array
+    w: jax.Array
+
+  @flax.struct.dataclass
+  class New:
+    step: jax.Array
+    w: jax.Array
+    guard: dict = None
+
+  d = str(tmp_path / "ckpt")
+  ckpt = Checkpointer(d, every=1, async_save=False)
+  ckpt.save(3, Old(step=jnp.int32(3), w=jnp.arange(4.0)), data={"next": 3})
+  ckpt.close()
+  logs = []
+  target = jax.eval_shape(lambda: New(step=jnp.int32(0), w=jnp.zeros(4), guard={"count": jnp.float32(0)}))
+  state, data, _, step = Checkpointer(d, log=logs.append).restore_intact(
+      target, defaults={"guard": {"count": jnp.float32(0)}})
+  assert step == 3 and int(state.step) == 3 and float(state.guard["count"]) == 0.0 and data == {"next": 3}
+  np.testing.assert_array_equal(state.w, np.arange(4.0))
+  assert any("no ['guard'] in this (older) checkpoint" in l for l in logs), logs
+  with pytest.raises(CorruptCheckpoint, match=r"has no \['guard'\] \(and no default"):
+    Checkpointer(d).restore(target)

@@ -110,7 +110,7 @@ def short_reason(exc: BaseException, limit: int = 400) -> str:
     text = text.split(" [tensorstore_spec=")[0].split("\n")[0].strip() or type(x).__name__
     if not m:
       text = f"{type(x).__name__}: {text}"
-  return text if len(text) <= limit else text[:limit] + "..."
+  return text if len(text) <= limit else text[:limit // 2] + " ... " + text[-(limit // 2):]  # the cause is at the end
 
 
 # ----------------------------------------------------------------------------- the checkpointer
@@ -173,6 +173,8 @@ class Checkpointer:
     step = int(step)
     if not (force or self.manager.should_save(step)):
       return False
+    if self._pending is not None:
+      self.wait()  # orbax would wait for it anyway; this way its failure is reported as its own
     data = data or {}
     meta = dict(meta or {}, integrity={"version": INTEGRITY_VERSION, "state": tree_checksums(state),
                                        "data": json_checksum(data)})
@@ -319,6 +321,9 @@ class Checkpointer:
     return {k: v for k, v in meta.items() if k != "integrity"}
 
   def close(self) -> None:
+    """Waits for the last save; its failure raises SaveError whatever `on_save_error` (there is
+    no next interval to retry at)."""
+    self.on_save_error = "stop"
     self.wait()
     self.manager.close()
 

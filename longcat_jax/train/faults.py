@@ -213,13 +213,20 @@ def one_line_errors(workdir: str, log_name: str = LOG_NAME, *, lost_timeout_s: f
   os.dup2(logf.fileno(), 2)
   old_thread_hook, old_unraisable = threading.excepthook, sys.unraisablehook
 
+  def to_log(write):  # the log may be on the disk that just filled up: never fail on it
+    try:
+      write()
+      logf.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
   def thread_hook(args):
-    logf.write(f"exception in thread {getattr(args.thread, 'name', '?')}:\n")
-    traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=logf)
+    to_log(lambda: logf.write(f"exception in thread {getattr(args.thread, 'name', '?')}:\n" + "".join(
+        traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))))
 
   def unraisable_hook(u):
-    logf.write(f"unraisable exception ({u.err_msg or ''} {u.object!r}):\n")
-    traceback.print_exception(u.exc_type, u.exc_value, u.exc_traceback, file=logf)
+    to_log(lambda: logf.write(f"unraisable exception ({u.err_msg or ''}):\n" + "".join(
+        traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback))))
 
   threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
 
@@ -228,21 +235,20 @@ def one_line_errors(workdir: str, log_name: str = LOG_NAME, *, lost_timeout_s: f
     console.write(f"{line}\n" if line else "")
     console.write(f"  (details: {path})\n")
     console.flush()
-    logf.flush()
     os._exit(code)  # pylint: disable=protected-access
 
   try:
     yield path
   except SystemExit as e:
     if e.code not in (0, None):
-      traceback.print_exc(file=logf)
+      to_log(lambda: traceback.print_exc(file=logf))
       die(f"error: exit status {e.code}", e.code if isinstance(e.code, int) else 1)
     raise
   except KeyboardInterrupt:
-    traceback.print_exc(file=logf)
+    to_log(lambda: traceback.print_exc(file=logf))
     die("interrupted (second SIGINT): stopped without saving; the last checkpoint is intact", 130)
   except BaseException as e:  # pylint: disable=broad-except
-    traceback.print_exc(file=logf)
+    to_log(lambda: traceback.print_exc(file=logf))
     if is_peer_failure(e):
       sys.stdout.flush()
       write_peer_failure(e, console, lost_timeout_s)

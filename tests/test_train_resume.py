@@ -172,3 +172,34 @@ def test_save_killed_midway_keeps_last_complete_checkpoint(tmp_path):
   ckpt.save(2, {"w": np.ones(3, np.float32)}, data={"next_index": 2})
   ckpt.close()
   assert Checkpointer(str(d)).all_steps() == [1, 2]
+
+
+def test_full_disk_and_missing_init_from_end_with_one_line(tmp_path, reference):
+  shared, _ = reference
+  # init_from naming a missing directory: one line, exit 1, no second traceback from orbax.
+  out = _run(_train_cmd(tmp_path / "grow", shared) + [f"--config.init_from={tmp_path / 'missing'}"], returncode=1)
+  assert out.splitlines()[0] == f"error: FileNotFoundError: init_from='{tmp_path / 'missing'}': no such directory", out
+  assert len(out.splitlines()) == 2 and "Traceback" in open(tmp_path / "grow" / "train.log").read(), out
+
+  # The checkpoint directory on a 2 MB tmpfs: the first checkpoints fit, a later save fills it.
+  ckpt_dir = tmp_path / "run" / "checkpoints"
+  ckpt_dir.mkdir(parents=True)
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2000k", "tmpfs", str(ckpt_dir)], capture_output=True, text=True)
+  if r.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  try:
+    out = _run(_train_cmd(tmp_path / "run", shared), returncode=1)
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], out[-3000:]
+    assert "last good checkpoint: step " in errors[0] and "Traceback" not in out, out[-3000:]
+    assert len(out.splitlines()) < 10, out
+    last_good = int(errors[0].split("last good checkpoint: step ")[1].split(" ")[0])
+    from longcat_jax.train.checkpoint import Checkpointer
+    assert not [p for p in os.listdir(ckpt_dir) if "tmp" in p], os.listdir(ckpt_dir)
+    ckpt = Checkpointer(str(ckpt_dir))
+    assert ckpt.latest_step() == last_good >= EVERY
+    restored = ckpt.read_meta(last_good)  # readable (full restore + verify: test_faults.py)
+    assert "config" in restored
+  finally:
+    subprocess.run(["umount", "-l", str(ckpt_dir)], check=False)
+  print(out)

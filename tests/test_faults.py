@@ -346,3 +346,18 @@ def test_older_checkpoint_without_a_new_state_field_restores_with_its_default(tm
   assert any("no ['guard'] in this (older) checkpoint" in l for l in logs), logs
   with pytest.raises(CorruptCheckpoint, match=r"has no \['guard'\] \(and no default"):
     Checkpointer(d).restore(target)
+
+
+def test_watchdog_fires_once_when_steps_stop():
+  from longcat_jax.train import faults
+  lines = []
+  dog = faults.Watchdog(0.4, on_timeout=lines.append)
+  time.sleep(0.6)
+  assert not lines  # not armed before the first step (compilation)
+  for step in (1, 2, 3):
+    dog.pet(step)
+    time.sleep(0.1)
+  assert not lines
+  time.sleep(1.5)  # "hung" after step 3
+  dog.close()
+  assert len(lines) == 1 and "no step finished in 0.4s after step 3" in lines[0], lines

@@ -65,6 +65,7 @@ def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
   c.async_checkpoint = True
   c.strict_resume = False         # a checkpoint that fails to read/verify: refuse (else use the newest intact)
   c.on_save_error = "stop"         # stop: end the run with one message; retry: log it, save at the next interval
+  c.step_timeout_s = 0.0           # > 0: end the run with one line if no step finishes this long (hangs)
   c.sdc_every = 0                  # > 0: every N steps rerun the step, compare gradients bitwise (SDC check)
   c.spike = ConfigDict()           # loss-spike guard (train/spike.py); sigmas 0 = that test off
   c.spike.loss_sigmas = 0.0        # skip the update if loss > mean + loss_sigmas * std (running stats)

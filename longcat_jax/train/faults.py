@@ -195,6 +195,54 @@ class RunStopped(RuntimeError):
   """The run stopped on purpose (e.g. too many loss spikes in a row); the message says why."""
 
 
+# ----------------------------------------------------------------------------- hangs
+
+class Watchdog:
+  """Ends the process with one line when no step finishes for `timeout_s` seconds.
+
+  Heartbeats catch a dead process, not a live one that is stuck (a hung filesystem read on one
+  host while the others wait in a collective): this does. Armed by the first `pet` (after the
+  first step, so compilation does not count). `on_timeout(line)` defaults to writing the line to
+  the console and `os._exit(1)`.
+  """
+
+  def __init__(self, timeout_s: float, on_timeout: Callable[[str], None] | None = None):
+    self.timeout_s = float(timeout_s)
+    self.on_timeout = on_timeout or _exit_with_line
+    self._last = None  # (step, time)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="step_watchdog", daemon=True)
+    self._thread.start()
+
+  def pet(self, step: int) -> None:
+    self._last = (int(step), time.monotonic())
+
+  def _watch(self):
+    while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+      last = self._last
+      if last is not None and time.monotonic() - last[1] > self.timeout_s:
+        lost = lost_processes(10.0) if jax.process_count() > 1 else None
+        who = f"; lost process(es) {lost}" if lost else ""
+        self.on_timeout(f"error: process {jax.process_index()} of {jax.process_count()}: no step finished in "
+                        f"{self.timeout_s:g}s after step {last[0]} (a hung collective, data read or "
+                        f"filesystem?){who}; stopping. The last checkpoint is intact")
+        return
+
+  def close(self) -> None:
+    self._stop.set()
+
+
+_CONSOLE = None  # the real console while `one_line_errors` sends stderr to the log
+
+
+def _exit_with_line(line: str) -> None:
+  out = _CONSOLE or sys.stderr
+  sys.stdout.flush()
+  out.write(line + "\n")
+  out.flush()
+  os._exit(1)  # pylint: disable=protected-access
+
+
 # ----------------------------------------------------------------------------- one clear error
 
 @contextlib.contextmanager
@@ -209,7 +257,8 @@ def one_line_errors(workdir: str, log_name: str = LOG_NAME, *, lost_timeout_s: f
   logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
   sys.stdout.flush()
   sys.stderr.flush()
-  console = os.fdopen(os.dup(2), "w", buffering=1)
+  global _CONSOLE
+  console = _CONSOLE = os.fdopen(os.dup(2), "w", buffering=1)
   os.dup2(logf.fileno(), 2)
   old_thread_hook, old_unraisable = threading.excepthook, sys.unraisablehook
 

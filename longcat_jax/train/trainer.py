@@ -177,11 +177,14 @@ def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, 
   t_start, compile_s, skipped = t_prev, None, 0
   spikes_in_a_row, preempted = 0, False
   preempt = faults.Preemption(log=log)  # [issue 19] SIGTERM / SIGINT: stop after this step, save
+  watchdog = faults.Watchdog(config.step_timeout_s) if config.step_timeout_s else None  # [issue 19] hangs
   for step in range(start + 1, config.total_steps + 1):
     batch = next(it)
     prev = state
     state, m = step_fn(state, batch)
     m = jax.device_get(m)
+    if watchdog:
+      watchdog.pet(step)
     if config.sdc_every and step % config.sdc_every == 0:  # [issue 19] rerun, compare gradients bitwise
       state, m = faults.recheck_step(step_fn, prev, batch, (state, m), step, log)
     del prev
@@ -218,7 +221,8 @@ def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, 
     tok_s = tokens_per_step / dt
     mfu = tok_s * metrics_lib.training_flops_per_token(c, config.seq_len, float(fpt.mean()) if fpt.size else 0) / peak
     if step % config.log_every == 0 or step == config.total_steps:
-      scalars = {k: m[k] for k in ("loss", "nll", "z_loss", "balance_loss", "mtp_loss", "grad_norm", "lr", "nonfinite")}
+      scalars = {k: m[k] for k in ("loss", "nll", "z_loss", "balance_loss", "mtp_loss", "grad_norm", "lr", "nonfinite",
+                                    "spike")}
       scalars.update(tokens_per_s=tok_s, mfu=mfu, step_seconds=dt, ffn_experts_per_token=float(fpt.mean()))
       writer.write(step, scalars, arrays={"ffn_experts_mean": m["ffn_experts_mean"],
                                           "ffn_experts_std": m["ffn_experts_std"], "expert_load": m["expert_load"]})
@@ -233,6 +237,8 @@ def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, 
       ckpt.wait()
       break
   preempt.close()
+  if watchdog:
+    watchdog.close()
   bar.close()
   writer.close()
   if preempted:

@@ -17,6 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def _words(x) -> jax.Array:
@@ -62,7 +63,6 @@ def _host(x) -> np.ndarray:
   """A small (replicated) jax.Array to numpy on every process."""
   if getattr(x, "is_fully_replicated", True):
     return np.asarray(x.addressable_shards[0].data if hasattr(x, "addressable_shards") else x)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

@@ -44,6 +44,8 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # client, preemption manager: no public API
+from jax.experimental import multihost_utils
 
 from longcat_jax.train.checkpoint import CheckpointError, short_reason
 
@@ -58,7 +60,6 @@ def _log(msg: str) -> None:
 
 def _jax_preemption_service() -> bool:
   """Whether JAX's multi-process preemption sync manager is running in this process."""
-  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   state = jax_distributed.global_state
   return state.client is not None and state.preemption_sync_manager is not None
 
@@ -91,7 +92,6 @@ class Preemption:
   def should_stop(self, step: int) -> bool:
     """Call once per step on every process, from the same first step on (JAX's protocol)."""
     if self.multi:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       return bool(multihost_utils.reached_preemption_sync_point(int(step)))
     return self.received is not None
 
@@ -125,7 +125,6 @@ def lost_processes(timeout_s: float = 120.0) -> list[int] | None:
   Blocks until the service has decided (at most its heartbeat timeout); run in a thread so a
   broken service cannot hang the caller past `timeout_s`.
   """
-  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   client, n = jax_distributed.global_state.client, jax.process_count()
   if client is None or n == 1:
     return None
@@ -146,7 +145,6 @@ def lost_processes(timeout_s: float = 120.0) -> list[int] | None:
 def coordinator_reachable(timeout_s: float = 2.0) -> bool:
   """Whether process 0's coordination service still accepts connections (a plain TCP connect: a
   dead coordinator makes the JAX client abort this process, so it is not asked first)."""
-  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   addr = jax_distributed.global_state.coordinator_address
   if not addr or jax.process_index() == 0:
     return True

@@ -146,7 +146,15 @@ def run(config, workdir: str, *, progress: bool = True, log=_log) -> dict:
   if start >= config.total_steps:
     log(f"already done: step {start} of {config.total_steps} (checkpoint in {ckpt.directory})")
   else:
-    summary.update(_train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, progress, log))
+    preempt = faults.Preemption(log=log)  # [issue 19] SIGTERM / SIGINT: stop after the step in flight, save
+    watchdog = faults.Watchdog(config.step_timeout_s) if config.step_timeout_s else None  # [issue 19] hangs
+    try:
+      summary.update(_train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, progress, log,
+                                 preempt, watchdog))
+    finally:
+      preempt.close()
+      if watchdog:
+        watchdog.close()
     state = summary.pop("state")
   ckpt.close()
 
@@ -161,7 +169,8 @@ def run(config, workdir: str, *, progress: bool = True, log=_log) -> dict:
   return summary
 
 
-def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, progress, log) -> dict:
+def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, progress, log, preempt,
+                watchdog) -> dict:
   c = config.model
   start = int(state.step)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
@@ -176,8 +185,6 @@ def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, 
   t_prev = time.perf_counter()
   t_start, compile_s, skipped = t_prev, None, 0
   spikes_in_a_row, preempted = 0, False
-  preempt = faults.Preemption(log=log)  # [issue 19] SIGTERM / SIGINT: stop after this step, save
-  watchdog = faults.Watchdog(config.step_timeout_s) if config.step_timeout_s else None  # [issue 19] hangs
   for step in range(start + 1, config.total_steps + 1):
     batch = next(it)
     prev = state
@@ -236,12 +243,12 @@ def _train_loop(model, config, state, it, ckpt, meta, mesh, shardings, workdir, 
     if preempted:
       ckpt.wait()
       break
-  preempt.close()
-  if watchdog:
-    watchdog.close()
   bar.close()
   writer.close()
   if preempted:
+    if ckpt.latest_step() != step:  # on_save_error=retry and that save failed (said above)
+      raise faults.RunStopped(f"preempted after step {step}, but its checkpoint could not be saved; "
+                              f"last good checkpoint: step {ckpt.latest_step()}")
     log(preempt.message(step, ckpt.step_dir(step)))
     return {"state": state, "first_loss": first_loss, "last_loss": last_loss, "skipped_steps": skipped,
             "preempted": step, "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s}

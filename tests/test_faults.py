@@ -118,6 +118,7 @@ def small_disk():
     os.rmdir(mnt)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's abandoned writes
 def test_save_failures_no_space_and_read_only(small_disk):
   d = os.path.join(small_disk, "ckpt")
   small = {"w": jnp.ones((1000,), jnp.float32)}

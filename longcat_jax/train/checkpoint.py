@@ -22,7 +22,8 @@ so the same on any mesh or process count) and a SHA-256 of the data-iterator sta
 recomputes and compares them, raising `CorruptCheckpoint` naming the step, the array and the item
 directory. `restore` returns `meta` without that entry. `restore_intact` walks from the newest checkpoint back
 and restores the newest one that reads and verifies, saying which ones it skipped and why, and
-renames those to `<step>.corrupt` (`strict=True` refuses instead).
+renames those to `<step>.corrupt` (`strict=True` refuses instead); on several processes a step
+counts as intact only if it restores on all of them, so they all resume from the same one.
 
 Save failures (no space, no permission, a vanished directory) raise, or with
 `on_save_error="retry"` log, one `SaveError` line naming the step, the path, the reason and the
@@ -43,7 +44,9 @@ import shutil
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from longcat_jax.train.checksum import json_checksum, tree_checksums
 
@@ -292,7 +295,11 @@ class Checkpointer:
     for i, step in enumerate(steps):
       try:
         state, data, meta = self.restore(abstract_state, step, defaults=defaults)
+        error = None
       except CorruptCheckpoint as e:
+        error = e
+      if not _all_processes_ok(error is None):  # a file only one process reads can be the bad one
+        e = error or CorruptCheckpoint(f"{self.step_dir(step)}: unreadable on another process (see its log)")
         if strict:
           raise CorruptCheckpoint(f"{e} (strict_resume: not falling back to an older checkpoint)") from e
         rest = steps[i + 1:]
@@ -313,6 +320,8 @@ class Checkpointer:
         shutil.rmtree(dst, ignore_errors=True)
         os.rename(self.step_dir(step), dst)
         self.log(f"moved {self.step_dir(step)} aside to {dst}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("longcat_checkpoint_set_aside")
     self.manager.reload()
 
   def read_meta(self, step: int | None = None) -> dict:
@@ -326,6 +335,13 @@ class Checkpointer:
     self.on_save_error = "stop"
     self.wait()
     self.manager.close()
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True iff `ok` on every process (one tiny all-gather; all processes restore the same step)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _check_files(where: str) -> None:

@@ -214,7 +214,9 @@ class Run:
     from longcat_jax.train.checkpoint import Checkpointer
     from longcat_jax.train.step import abstract_train_state
     ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), async_save=False)
-    state, _, _ = ckpt.restore(abstract_train_state(self.model, self.config), step)
+    from longcat_jax.train.spike import init_stats
+    state, _, _ = ckpt.restore(abstract_train_state(self.model, self.config), step,
+                               defaults={"guard": init_stats()})  # runs from before the spike guard
     ckpt.close()
     return {"params": state.params, "expert_bias": state.expert_bias}
 

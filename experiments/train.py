@@ -3,7 +3,10 @@
 With no arguments: `experiments/configs/default.py` on the Python standard library's sources, in
 ./runs/default. Running the same command again resumes from the last checkpoint (or says the run
 is done). Metrics: DIR/metrics.jsonl and TensorBoard events in DIR/tensorboard; checkpoints in
-DIR/checkpoints (orbax). See longcat_jax/train/trainer.py.
+DIR/checkpoints (orbax). SIGTERM / SIGINT stop after the step in flight, save and exit 0 (rerun
+to resume). A failure prints one line and exits 1; tracebacks, warnings and library logs
+(stderr) go to DIR/train.log (DIR/train.process<i>.log for process i > 0). See
+longcat_jax/train/trainer.py and longcat_jax/train/faults.py.
 
 The same command runs on one CPU, on one accelerator host and on many hosts:
   --config.mesh="fsdp=2,expert=4"      the device mesh (default fsdp=-1: FSDP over every device)
@@ -44,10 +47,14 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from longcat_jax.parallel import distributed
-  distributed.initialize_from(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                              process_id=_PROCESS_ID.value, num_cpu_devices=_CPU_DEVICES.value)
-  from longcat_jax.train import trainer
-  trainer.run(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+  from longcat_jax.train import faults, trainer
+  process = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ.get("JAX_PROCESS_ID", "0") or 0)
+  log_name = faults.LOG_NAME if process == 0 else f"train.process{process}.log"
+  # Any failure: one console line, exit 1; tracebacks and library logs in WORKDIR/train.log.
+  with faults.one_line_errors(_WORKDIR.value, log_name):
+    distributed.initialize_from(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                process_id=_PROCESS_ID.value, num_cpu_devices=_CPU_DEVICES.value)
+    trainer.run(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
 
 
 if __name__ == "__main__":

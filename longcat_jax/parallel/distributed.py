@@ -25,6 +25,11 @@ from jax._src import distributed as jax_distributed  # the coordination client h
 
 from longcat_jax.parallel import sharding
 
+# A process that stops sending heartbeats this long is declared dead and every other process is
+# stopped (instead of hanging in a collective); JAX's defaults are 100 s and 300 s.
+HEARTBEAT_TIMEOUT_S = 60
+SHUTDOWN_TIMEOUT_S = 60
+
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_ids: int | Sequence[int] | None = None, *,
@@ -36,7 +41,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   group is explicit; with none of them JAX detects the cluster from the environment (SLURM,
   Open MPI, Kubernetes, Cloud TPU). `cpu_collectives` ("gloo" or "mpi") and `num_cpu_devices`
   configure the CPU backend (simulated multi-host runs); they must be set before any device is
-  touched. Extra keyword arguments go to `jax.distributed.initialize`.
+  touched. Extra keyword arguments go to `jax.distributed.initialize`; `heartbeat_timeout_seconds`
+  and `shutdown_timeout_seconds` default to HEARTBEAT_TIMEOUT_S / SHUTDOWN_TIMEOUT_S here.
   """
   if jax.distributed.is_initialized():
     return
@@ -48,6 +54,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   if num_cpu_devices is not None:
     jax.config.update("jax_num_cpu_devices", num_cpu_devices)
+  kwargs.setdefault("heartbeat_timeout_seconds", HEARTBEAT_TIMEOUT_S)
+  kwargs.setdefault("shutdown_timeout_seconds", SHUTDOWN_TIMEOUT_S)
   jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
                              **kwargs)
 

@@ -16,6 +16,7 @@ from longcat_jax.parallel import sharding
 ConfigDict = config_lib.ConfigDict
 
 NONFINITE_CHOICES = ("skip", "stop")
+ON_SAVE_ERROR_CHOICES = ("stop", "retry")
 
 
 def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
@@ -73,6 +74,16 @@ def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
   c.async_checkpoint = True
+  c.strict_resume = False         # a checkpoint that fails to read/verify: refuse (else use the newest intact)
+  c.on_save_error = "stop"         # stop: end the run with one message; retry: log it, save at the next interval
+  c.step_timeout_s = 0.0           # > 0: end the run with one line if no step finishes this long (hangs)
+  c.sdc_every = 0                  # > 0: every N steps rerun the step, compare gradients bitwise (SDC check)
+  c.spike = ConfigDict()           # loss-spike guard (train/spike.py); sigmas 0 = that test off
+  c.spike.loss_sigmas = 0.0        # skip the update if loss > mean + loss_sigmas * std (running stats)
+  c.spike.grad_norm_sigmas = 0.0   # ... or grad norm > mean + grad_norm_sigmas * std
+  c.spike.warmup_steps = 20        # accepted steps before the guard can fire
+  c.spike.ema = 0.98               # decay of the running mean / variance
+  c.spike.max_in_a_row = 5         # stop the run after this many consecutive spikes
   c.init_from = ""                 # orbax checkpoint dir of a trained model to grow from, or hf:DIR (init_from.py)
   c.grow_factor = 2                # model growth: stack the trained layers this many times
   c.sample_prompt = "def "
@@ -101,6 +112,11 @@ def validate(c: ConfigDict) -> None:
       raise ValueError(f"config.{field}={c[field]!r}: {e}") from None
   if c.ep_transport not in sharding.EP_TRANSPORTS:
     raise ValueError(f"ep_transport={c.ep_transport!r} must be one of {sharding.EP_TRANSPORTS}")
+  if c.on_save_error not in ON_SAVE_ERROR_CHOICES:
+    raise ValueError(f"on_save_error={c.on_save_error!r} must be one of {ON_SAVE_ERROR_CHOICES}")
+  if c.sdc_every < 0 or c.spike.loss_sigmas < 0 or c.spike.grad_norm_sigmas < 0:
+    raise ValueError(f"sdc_every={c.sdc_every}, spike.loss_sigmas={c.spike.loss_sigmas} and "
+                     f"spike.grad_norm_sigmas={c.spike.grad_norm_sigmas} must be >= 0")
   if c.model.num_ffn_experts and c.model.num_ffn_experts % c.loss.balance_groups:
     raise ValueError(f"loss.balance_groups={c.loss.balance_groups} must divide model.num_ffn_experts="
                      f"{c.model.num_ffn_experts}")

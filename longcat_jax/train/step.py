@@ -19,7 +19,9 @@ Signature (for the AOT planner and sharding tests):
   metrics: float32 scalars loss (the optimised objective), nll (mean next-token cross-entropy),
     z_loss (hidden z-loss without lambda), balance_loss (without alpha), mtp_loss (mean over
     heads; 0 without MTP; per head: mtp_loss_per_head [N]), grad_norm (before clipping), lr, tokens (loss tokens), nonfinite
-    (1 if the step was non-finite: with `nonfinite="skip"` its update was dropped);
+    (1 if the step was non-finite: with `nonfinite="skip"` its update was dropped); spike (1 if the
+    spike guard dropped the update; `train.spike`), loss_limit / grad_norm_limit (its thresholds,
+    +inf when off); grad_checksum uint32 [2] (only with `config.sdc_every` > 0: for the SDC check);
     ffn_experts_mean / ffn_experts_std [L] (FFN experts per real token, per layer);
     expert_load [L, N+Z] (global assignment counts this step).
 
@@ -39,7 +41,8 @@ import optax
 
 from longcat_jax.model import EXPERT_BIAS, EXPERT_LOAD
 from longcat_jax.model.transformer import init_variables
-from longcat_jax.train import controller, losses, optimizer as optim
+from longcat_jax.train import controller, losses, optimizer as optim, spike as spike_lib
+from longcat_jax.train.checksum import tree_checksum
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -51,6 +54,7 @@ class TrainState:
   opt_state: Any             # optax state
   expert_bias: Any           # controller state: the `expert_bias` collection
   rng: jax.Array             # uint32 [2]: raw PRNG key (checkpointable), split every step
+  guard: Any = None          # spike-guard statistics (`train.spike`): float32 [] each
 
 
 def make_optimizer(model, config):
@@ -77,7 +81,7 @@ def state_from_params(model, config, params, expert_bias, rng) -> TrainState:
   """A step-0 state around given weights (fresh optimizer state), e.g. after model growth."""
   tx, _ = make_optimizer(model, config)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
-                    expert_bias=expert_bias, rng=jnp.asarray(rng, jnp.uint32))
+                    expert_bias=expert_bias, rng=jnp.asarray(rng, jnp.uint32), guard=spike_lib.init_stats())
 
 
 def abstract_train_state(model, config) -> TrainState:
@@ -159,6 +163,8 @@ def _batch_norms(batch, n_mtp: int, n_micro: int):
 def make_train_step(model, config):
   """The pure training step `(state, batch) -> (state, metrics)`; see the module docstring."""
   c = config.model
+  spike_cfg = config.get("spike")
+  sdc = bool(config.get("sdc_every", 0))
   n_micro = int(config.grad_accum_steps)
   tx, schedule = make_optimizer(model, config)
   loss_fn = make_loss_fn(model, config)
@@ -199,9 +205,17 @@ def make_train_step(model, config):
                                                 rate=config.controller.rate,
                                                 decay_steps=config.controller.decay_steps)
     ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, expert_bias=expert_bias, rng=rng)
-    if config.nonfinite == "skip":
-      keep = lambda n, o: jnp.where(ok, n, o)
+    if state.guard is None:  # a state built without guard statistics: no spike guard
+      spike, limits, guard = spike_lib.is_spike(None, objective, grad_norm, None) + (None,)
+    else:
+      spike, limits = spike_lib.is_spike(state.guard, objective, grad_norm, spike_cfg)
+      spike = spike & ok
+      guard = spike_lib.update_stats(state.guard, objective, grad_norm, ok & ~spike, spike_cfg)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, expert_bias=expert_bias, rng=rng,
+                     guard=guard)
+    apply = ~spike & (ok if config.nonfinite == "skip" else True)
+    if config.nonfinite == "skip" or spike_lib.enabled(spike_cfg):
+      keep = lambda n, o: jnp.where(apply, n, o)
       new = new.replace(params=jax.tree.map(keep, new.params, state.params),
                         opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
                         expert_bias=jax.tree.map(keep, new.expert_bias, state.expert_bias))
@@ -216,7 +230,10 @@ def make_train_step(model, config):
         mtp_loss_per_head=mtp_per_head,
         grad_norm=grad_norm, lr=jnp.asarray(schedule(state.step), jnp.float32), tokens=n_loss,
         nonfinite=(~ok).astype(jnp.float32), ffn_experts_mean=fpt_mean, ffn_experts_std=fpt_std,
-        expert_load=_single_leaf(aux["load"]) if c.num_ffn_experts + c.zero_experts else jnp.zeros((0,)))
+        expert_load=_single_leaf(aux["load"]) if c.num_ffn_experts + c.zero_experts else jnp.zeros((0,)),
+        spike=spike.astype(jnp.float32), loss_limit=limits["loss"], grad_norm_limit=limits["grad_norm"])
+    if sdc:
+      metrics["grad_checksum"] = tree_checksum(grads)
     return new, metrics
 
   return train_step

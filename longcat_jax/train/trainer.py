@@ -40,7 +40,7 @@ from longcat_jax.model.placement import LOCAL
 from longcat_jax.parallel import distributed, sharding
 from longcat_jax.parallel.placement import MeshPlacement
 from longcat_jax.train import config as config_lib
-from longcat_jax.train import growth, init_from, metrics as metrics_lib
+from longcat_jax.train import faults, growth, init_from, metrics as metrics_lib, spike as spike_lib
 from longcat_jax.train.checkpoint import Checkpointer, with_shardings
 from longcat_jax.train.step import (BATCH_KEYS, TrainState, abstract_train_state, init_train_state, make_optimizer,
                                     make_train_step, state_from_params)
@@ -149,16 +149,20 @@ def initial_state(program: Program, rng, log=_log) -> TrainState:
     shardings = {"params": program.state_shardings.params, "expert_bias": program.state_shardings.expert_bias}
     return program.place(init_from.initial_state_from_hf(program.model.clone(placement=LOCAL), config, rng, log,
                                                          shardings=shardings))
-  src = Checkpointer(config.init_from, async_save=False)
-  step = src.latest_step()
-  if step is None:
+  if not os.path.isdir(config.init_from):  # before orbax: one error, no background thread
+    raise FileNotFoundError(f"init_from={config.init_from!r}: no such directory")
+  src = Checkpointer(config.init_from, async_save=False, read_only=True, log=log)
+  try:
+    step = src.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init_from={config.init_from!r} holds no complete checkpoint")
+    meta = src.read_meta(step)
+    src_config = config_lib.ConfigDict(json.loads(meta["config"]))
+    src_model = LongcatForCausalLM(src_config.model)
+    src_state, _, _ = src.restore(abstract_train_state(src_model, src_config), step,
+                                  defaults={"guard": spike_lib.init_stats()})
+  finally:
     src.close()
-    raise FileNotFoundError(f"init_from={config.init_from!r} holds no complete checkpoint")
-  meta = src.read_meta(step)
-  src_config = config_lib.ConfigDict(json.loads(meta["config"]))
-  src_model = LongcatForCausalLM(src_config.model)
-  src_state, _, _ = src.restore(abstract_train_state(src_model, src_config), step)
-  src.close()
   want = src_config.model.num_layers * config.grow_factor
   if config.model.num_layers != want:
     raise ValueError(f"model.num_layers={config.model.num_layers} but growing the {src_config.model.num_layers}-layer "
@@ -202,10 +206,14 @@ def run(config, workdir: str, *, progress: bool = True, log=_log, mesh: Mesh | N
       f"{'es' if jax.process_count() > 1 else ''}); this process reads batch shard {shard} of {shards}")
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every,
-                      keep=config.keep_checkpoints, async_save=config.async_checkpoint)
+                      keep=config.keep_checkpoints, async_save=config.async_checkpoint,
+                      on_save_error=config.on_save_error, log=log)
   meta = {"config": config.to_json()}
   if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(program.abstract_state)
+    # The newest checkpoint that reads and verifies (strict_resume: refuse a bad one).
+    guard = jax.device_put(spike_lib.init_stats(), program.state_shardings.guard)
+    state, data_state, _, _ = ckpt.restore_intact(program.abstract_state, strict=config.strict_resume,
+                                                  defaults={"guard": guard})
     it.set_state(data_state)
     log(f"resumed from {ckpt.directory} step {int(state.step)}")
   else:
@@ -222,11 +230,18 @@ def run(config, workdir: str, *, progress: bool = True, log=_log, mesh: Mesh | N
   if start >= config.total_steps:
     log(f"already done: step {start} of {config.total_steps} (checkpoint in {ckpt.directory})")
   else:
-    summary.update(_train_loop(program, state, it, ckpt, meta, workdir, progress, log))
+    preempt = faults.Preemption(log=log)  # SIGTERM / SIGINT: stop after the step in flight, save
+    watchdog = faults.Watchdog(config.step_timeout_s) if config.step_timeout_s else None  # hangs
+    try:
+      summary.update(_train_loop(program, state, it, ckpt, meta, workdir, progress, log, preempt, watchdog))
+    finally:
+      preempt.close()
+      if watchdog:
+        watchdog.close()
     state = summary["state"]
   ckpt.close()
 
-  if config.sample_tokens > 0:
+  if config.sample_tokens > 0 and not summary.get("preempted"):
     if jax.process_count() > 1:
       log("sample skipped: multi-process run (sample from the checkpoint with python -m longcat_jax.generate)")
     else:
@@ -239,7 +254,7 @@ def run(config, workdir: str, *, progress: bool = True, log=_log, mesh: Mesh | N
   return summary
 
 
-def _train_loop(program: Program, state, it, ckpt, meta, workdir, progress, log) -> dict:
+def _train_loop(program: Program, state, it, ckpt, meta, workdir, progress, log, preempt, watchdog) -> dict:
   config, c = program.config, program.config.model
   start = int(state.step)
   main_process = jax.process_index() == 0
@@ -254,10 +269,19 @@ def _train_loop(program: Program, state, it, ckpt, meta, workdir, progress, log)
   compile_s = time.perf_counter() - t_start
   distributed.barrier(f"longcat_compiled_{start}")  # processes start stepping together
   t_prev, skipped = time.perf_counter(), 0
+  spikes_in_a_row, preempted = 0, False
   for step in range(start + 1, config.total_steps + 1):
     batch = program.global_batch(next(it))
+    sdc_check = config.sdc_every and step % config.sdc_every == 0
+    prev = jax.tree.map(jnp.copy, state) if sdc_check else None   # the step donates `state`
     state, m = step_fn(state, batch)
     m = jax.device_get(m)
+    if watchdog:
+      watchdog.pet(step)
+    if sdc_check:  # rerun on the same inputs (each rerun on a copy), compare gradients bitwise
+      state, m = faults.recheck_step(lambda s, b: step_fn(jax.tree.map(jnp.copy, s), b), prev, batch,
+                                     (state, m), step, log)
+      del prev
     now = time.perf_counter()
     dt, t_prev = now - t_prev, now
     loss = float(m["loss"])
@@ -270,13 +294,27 @@ def _train_loop(program: Program, state, it, ckpt, meta, workdir, progress, log)
         writer.close()
         bar.close()
         raise NonFiniteLoss(f"step {step}: non-finite loss {loss}; last checkpoint: step {ckpt.latest_step()}")
+    if m["spike"]:  # spike guard (train/spike.py): the update was dropped inside the step
+      skipped += 1
+      spikes_in_a_row += 1
+      log(f"step {step}: loss spike, update skipped ({spikes_in_a_row} in a row): loss {loss:.4f} "
+          f"(limit {float(m['loss_limit']):.4f}), grad norm {float(m['grad_norm']):.4g} "
+          f"(limit {float(m['grad_norm_limit']):.4g})")
+      if spikes_in_a_row >= config.spike.max_in_a_row:
+        writer.close()
+        bar.close()
+        raise faults.RunStopped(f"step {step}: {spikes_in_a_row} loss spikes in a row (spike.max_in_a_row="
+                                f"{config.spike.max_in_a_row}); last checkpoint: step {ckpt.latest_step()}")
+    else:
+      spikes_in_a_row = 0
     first_loss = loss if first_loss is None else first_loss
     last_loss = loss
     fpt = np.asarray(m["ffn_experts_mean"])
     tok_s = tokens_per_step / dt
     mfu = tok_s * metrics_lib.training_flops_per_token(c, config.seq_len, float(fpt.mean()) if fpt.size else 0) / peak
     if step % config.log_every == 0 or step == config.total_steps:
-      scalars = {k: m[k] for k in ("loss", "nll", "z_loss", "balance_loss", "mtp_loss", "grad_norm", "lr", "nonfinite")}
+      scalars = {k: m[k] for k in ("loss", "nll", "z_loss", "balance_loss", "mtp_loss", "grad_norm", "lr", "nonfinite",
+                                    "spike")}
       scalars.update(tokens_per_s=tok_s, mfu=mfu, step_seconds=dt, ffn_experts_per_token=float(fpt.mean()))
       writer.write(step, scalars, arrays={"ffn_experts_mean": m["ffn_experts_mean"],
                                           "ffn_experts_std": m["ffn_experts_std"], "expert_load": m["expert_load"]})
@@ -285,9 +323,20 @@ def _train_loop(program: Program, state, it, ckpt, meta, workdir, progress, log)
     bar.update(1)
     if not progress and (step % max(config.log_every, 10) == 0 or step == config.total_steps):
       log(f"step {step}: loss {loss:.4f} nll {float(m['nll']):.4f} ffn/token {fpt.mean():.2f} {tok_s:.0f} tok/s")
-    ckpt.save(step, state, data=it.get_state(), meta=meta, force=step == config.total_steps)
+    preempted = preempt.should_stop(step)  # every process agrees on the step
+    ckpt.save(step, state, data=it.get_state(), meta=meta, force=step == config.total_steps or preempted)
+    if preempted:
+      ckpt.wait()
+      break
   bar.close()
   writer.close()
+  if preempted:
+    if ckpt.latest_step() != step:  # on_save_error=retry and that save failed (said above)
+      raise faults.RunStopped(f"preempted after step {step}, but its checkpoint could not be saved; "
+                              f"last good checkpoint: step {ckpt.latest_step()}")
+    log(preempt.message(step, ckpt.step_dir(step)))
+    return {"state": state, "first_loss": first_loss, "last_loss": last_loss, "skipped_steps": skipped,
+            "preempted": step, "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s}
   total_s = time.perf_counter() - t_start
   log(f"trained steps {start + 1}..{config.total_steps} in {total_s:.0f}s (incl. compile {compile_s:.0f}s); "
       f"loss {first_loss:.3f} -> {last_loss:.3f}; checkpoint {ckpt.directory}, metrics {writer.path}")

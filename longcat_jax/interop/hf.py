@@ -359,6 +359,22 @@ def _libc():
 _LIBC = _libc()
 
 
+def read_format(path: str, c: ConfigDict) -> dict:
+  """`c.hf_format` as `load_pretrained` records it for the checkpoint at `path` (stored dtypes,
+  FP8 tensors, extra copies), from the safetensors headers alone: what a training run started
+  from `path` needs in its config so that an export writes the same layout back."""
+  files = CheckpointFiles(path)
+  try:
+    c = c.copy_and_resolve_references()
+    shapes = flax.linen.meta.unbox(sharding_lib.abstract_variables(LongcatForCausalLM(c)))
+    leaves = layouts.leaves(c)
+    _check_covers(leaves, shapes, c)
+    _record_format(c, files, _inventory(files, c, leaves, shapes))
+    return c.hf_format.to_dict() if isinstance(c.hf_format, ConfigDict) else dict(c.hf_format)
+  finally:
+    files.close()
+
+
 def load_pretrained(path: str, dtype=None, *, mesh=None, shardings=None, rules=sharding_lib.LOGICAL_AXIS_RULES,
                     config_overrides: dict | None = None, host_bytes: int | None = None,
                     max_workers: int | None = None):

@@ -35,7 +35,7 @@ from ml_collections import config_dict
 
 from longcat_jax import config as config_lib
 from longcat_jax.interop import load_pretrained
-from longcat_jax.interop.hf import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, read_config
+from longcat_jax.interop.hf import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, read_config, read_format
 from longcat_jax.train.step import state_from_params
 
 HF_PREFIX = "hf:"
@@ -112,6 +112,7 @@ def model_config(given: config_lib.ConfigDict, path: str) -> config_lib.ConfigDi
                      f"weights would not fit another); only {', '.join(OVERRIDABLE)} may be overridden. Leave "
                      "the other model fields unset (experiments/configs/finetune.py) or equal to the checkpoint's.")
   config_lib.validate(c)
+  c.hf_format = read_format(path, c)  # so that an export of the run writes the release's layout back
   return c
 
 

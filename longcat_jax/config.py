@@ -64,6 +64,7 @@ def base_config() -> ConfigDict:
   c.ngram_embedding = None
   c.sparse_attention = None
   c.mtp_num_heads = 0
+  c.mtp_shared_module = False       # True: one MTP layer applied mtp_num_heads times (LongCat-2.0, model/mtp.py)
   # Numerics and execution.
   c.dtype = "float32"               # activation / compute dtype.
   c.param_dtype = "float32"         # master weights.
@@ -214,6 +215,8 @@ def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
   if scaling:
     s = dict(scaling)
     s["type"] = s.pop("rope_type", s.get("type"))
+    if s["type"] == "deepseek_yarn":  # LongCat-2.0 / Flash-Thinking-2601 name for DeepSeek-V3's YaRN
+      s["type"] = "yarn"
     s.pop("rope_theta", None)
     c.rope_scaling = s
   head_dim = hf.get("head_dim")
@@ -225,8 +228,8 @@ def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
   if hf.get("ngram_vocab_size_ratio"):
     c.ngram_embedding = dict(vocab_size_ratio=hf["ngram_vocab_size_ratio"],
                              neighbor_num=hf.get("emb_neighbor_num", 4), split_num=hf.get("emb_split_num", 4))
-  _from_hf_longcat2(c, hf)
   c.mtp_num_heads = int(hf.get("mtp_num_layers") or hf.get("num_nextn_predict_layers", 0) or 0)
+  _from_hf_longcat2(c, hf)
   c.target_ffn_experts = min(c.target_ffn_experts, float(c.top_k))
   c.moe_block_size = min(c.moe_block_size, 64)
   for k, v in overrides.items():
@@ -234,21 +237,44 @@ def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
   return c
 
 
+LONGCAT2_ARCHITECTURE = "LongcatCausalLM"  # the released LongCat-2.0 config.json (no model_type)
+
+
+def is_longcat2_config(hf: dict) -> bool:
+  """A LongCat-2.0 config.json: `architectures` LongcatCausalLM, or SGLang's `longcat_flash_pro`."""
+  return LONGCAT2_ARCHITECTURE in (hf.get("architectures") or []) or hf.get("model_type") == "longcat_flash_pro"
+
+
 def _from_hf_longcat2(c: ConfigDict, hf: dict) -> None:
-  """LongCat-2.0 fields (SGLang's LongcatFlashProConfig names): `oe_*` n-gram embeddings and the
-  LongCat Sparse Attention indexer (docs/LONGCAT2.md)."""
+  """LongCat-2.0 fields (the released config.json; SGLang's LongcatFlashProConfig and mlx-lm
+  longcat2.py `ModelArgs` defaults): `oe_*` n-gram embeddings, the LongCat Sparse Attention
+  indexer (`index_*`; on unless `use_longcat_dsa` is false: the release has no such field), the
+  one-module MTP (`mtp_replicate_modules`), and the released code's norms (docs/LONGCAT2.md)."""
+  v2 = is_longcat2_config(hf)
   if hf.get("oe_vocab_size_ratio") and hf.get("use_oe_embedding", True) is not False and c.ngram_embedding is None:
     c.ngram_embedding = dict(vocab_size_ratio=hf["oe_vocab_size_ratio"], neighbor_num=hf.get("oe_neighbor_num", 5),
-                             split_num=hf.get("oe_split_num", 4))
-  if hf.get("use_longcat_dsa"):
+                             split_num=hf.get("oe_split_num", 4), eos_reset=True)  # 2.0 code stops at EOS
+  if v2:
+    c.latent_norm_eps = c.rms_norm_eps  # mlx-lm longcat2.py: q_a / kv_a layernorms use rms_norm_eps
+    c.mtp_shared_module = bool(hf.get("mtp_replicate_modules", True))
+    if c.mtp_num_heads and hf.get("mtp_disable_over_tokenizer", True) is not True:
+      raise ValueError("config.json: mtp_disable_over_tokenizer=false (an MTP module with n-gram embeddings) "
+                       "is not supported")
+  if hf.get("use_longcat_dsa", "index_topk" in hf or "index_n_heads" in hf):
     if hf.get("index_k_norm_type", "rms") != "rms":
       raise ValueError(f"config.json: index_k_norm_type={hf['index_k_norm_type']!r} is not supported (only 'rms')")
     if hf.get("cli_factor", 2) != 2:
       raise ValueError(f"config.json: cli_factor={hf['cli_factor']} is not supported: the indexer is shared by "
                        "the 2 attention blocks of a ScMoE layer (cli_factor=2)")
+    if c.mtp_num_heads and hf.get("dsa_mtp_cli", True) is not True:
+      raise ValueError("config.json: dsa_mtp_cli=false (a key selection per MTP step) is not supported")
+    if hf.get("rope_interleave", hf.get("indexer_rope_interleave", True)) is not True:
+      raise ValueError("config.json: a rotate-half indexer RoPE (rope_interleave=false) is not supported")
     c.sparse_attention = dict(index_heads=int(hf.get("index_n_heads", 32)), index_dim=int(hf.get("index_head_dim", 128)),
                               top_k=int(hf.get("index_topk", 2048)), init_tokens=int(hf.get("index_init_tokens") or 0),
                               local_tokens=int(hf.get("index_local_tokens") or 0))
+    if hf.get("index_topk_pattern"):
+      c.sparse_attention["topk_pattern"] = "".join(hf["index_topk_pattern"])
 
 
 def to_hf_config(c: ConfigDict) -> dict:
@@ -273,12 +299,38 @@ def to_hf_config(c: ConfigDict) -> dict:
     hf["ngram_vocab_size_ratio"] = c.ngram_embedding["vocab_size_ratio"]
     hf["emb_neighbor_num"] = c.ngram_embedding["neighbor_num"]
     hf["emb_split_num"] = c.ngram_embedding["split_num"]
+  if c.sparse_attention is not None or c.mtp_shared_module:
+    _to_hf_longcat2(c, hf)
+  return hf
+
+
+def _to_hf_longcat2(c: ConfigDict, hf: dict) -> None:
+  """The released LongCat-2.0 config.json layout: `LongcatCausalLM`, no model_type, no
+  use_longcat_dsa, `oe_*` n-gram fields, `index_*` fields, `mtp_num_layers`."""
+  hf.pop("model_type", None)
+  hf["architectures"] = [LONGCAT2_ARCHITECTURE]
+  hf["rms_norm_eps"] = c.rms_norm_eps
+  if c.latent_norm_eps != c.rms_norm_eps:
+    raise ValueError(f"config {c.name!r}: latent_norm_eps={c.latent_norm_eps} differs from rms_norm_eps="
+                     f"{c.rms_norm_eps}, which the LongCat-2.0 config.json cannot express")
+  if c.ngram_embedding is not None:
+    n = c.ngram_embedding
+    if not n.get("eos_reset", False):
+      raise ValueError(f"config {c.name!r}: the LongCat-2.0 layout's n-grams stop at EOS (eos_reset=True)")
+    for k in ("ngram_vocab_size_ratio", "emb_neighbor_num", "emb_split_num"):
+      hf.pop(k, None)
+    hf.update(oe_vocab_size_ratio=n["vocab_size_ratio"], oe_neighbor_num=n["neighbor_num"], oe_split_num=n["split_num"])
   if c.sparse_attention is not None:
     s = c.sparse_attention
-    hf.update(use_longcat_dsa=True, index_n_heads=s["index_heads"], index_head_dim=s["index_dim"],
-              index_topk=s["top_k"], index_init_tokens=s.get("init_tokens", 0),
-              index_local_tokens=s.get("local_tokens", 0), index_k_norm_type="rms", cli_factor=2)
-  return hf
+    hf.update(index_n_heads=s["index_heads"], index_head_dim=s["index_dim"], index_topk=s["top_k"],
+              index_init_tokens=s.get("init_tokens", 0), index_local_tokens=s.get("local_tokens", 0),
+              index_k_norm_type="rms", cli_factor=2, index_topk_pattern=list("CS" * c.num_layers))
+  hf.pop("num_nextn_predict_layers", None)
+  if c.mtp_num_heads:
+    if not c.mtp_shared_module:
+      raise ValueError(f"config {c.name!r}: the LongCat-2.0 layout has one MTP module (mtp_shared_module=True)")
+    hf.update(mtp_num_layers=int(c.mtp_num_heads), mtp_replicate_modules=True, mtp_disable_over_tokenizer=True,
+              dsa_mtp_cli=True)
 
 
 def dtype_of(name: str):

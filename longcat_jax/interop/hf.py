@@ -33,6 +33,9 @@ SINGLE_NAME = "model.safetensors"
 
 # Keys that are understood but not part of the main model's variables.
 _ASIDE = re.compile(r"^model\.mtp\.")
+# LongCat-2.0: n-gram tables stored with the MTP module, which the released code never reads
+# (`mtp_disable_over_tokenizer`); kept aside (`read_mtp_tensors`) and never loaded.
+_UNUSED_MTP_NGRAM = re.compile(r"^model\.mtp\..*oe_embed_(tokens|proj)\d+\.weight$")
 _IGNORED = re.compile(r"(rotary_emb\.(inv_freq|original_inv_freq)$)")
 
 
@@ -108,7 +111,39 @@ def _leaves(c: ConfigDict) -> list[Leaf]:
     for proj, ours in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
       leaves.append(Leaf("params", moe + (ours,), pre + f"mlp.experts.{{e}}.{proj}.weight", _t, _t, True, True))
   if c.mtp_num_heads:
-    leaves += _mtp_leaves(c, leaves)
+    leaves += _mtp_leaves_v2(c, leaves) if c.mtp_shared_module else _mtp_leaves(c, leaves)
+  return leaves
+
+
+def released_v2_layout(c: ConfigDict) -> bool:
+  """Whether `c` is written in the released LongCat-2.0 layout (`model.oe_embed_*`, one MTP module)."""
+  return c.sparse_attention is not None or bool(c.mtp_shared_module)
+
+
+def _mtp_leaves_v2(c: ConfigDict, main: list[Leaf]) -> list[Leaf]:
+  """LongCat-2.0's ONE MTP module `model.mtp.layers.0.*` <-> params['mtp'] (`mtp_shared_module`):
+  its MLA under `self_attn.*` with its own indexer `self_attn.indexer.*`, `transformer_layer.mlp.*`,
+  `eh_proj`, `enorm.m` / `hnorm.m`, and `model.mtp.embed_tokens` / `model.mtp.norm` (key names of
+  the release as third-party converters read them; docs/LONGCAT2.md section 4)."""
+  pre, path = "model.mtp.layers.0.", ("mtp", "layer")
+  leaves = [Leaf("params", ("mtp", "final_norm", "scale"), "model.mtp.norm.weight", _ident, _ident),
+            Leaf("params", ("mtp", "embed_tokens"), MTP_EMBED_KEY, _ident, _ident)]
+  leaves += [
+      Leaf("params", path + ("eh_proj",), pre + "eh_proj.weight", _t, _t),
+      Leaf("params", path + ("enorm", "scale"), pre + "enorm.m.weight", _ident, _ident),
+      Leaf("params", path + ("hnorm", "scale"), pre + "hnorm.m.weight", _ident, _ident),
+      Leaf("params", path + ("input_norm", "scale"), pre + "input_layernorm.weight", _ident, _ident),
+      Leaf("params", path + ("post_attn_norm", "scale"), pre + "post_attention_layernorm.weight", _ident, _ident),
+  ]
+  single = lambda l, p, k: Leaf(l.collection, p, k, l.to_jax, l.to_hf)  # the main per-layer transform, once
+  for l in main:
+    if l.path[:3] == ("decoder", "layers", "attn_0"):
+      leaves.append(single(l, path + ("attn", l.path[-1]), pre + "self_attn." + l.hf_key.split("self_attn.0.", 1)[1]))
+    elif l.path[:3] == ("decoder", "layers", "indexer"):
+      leaves.append(single(l, path + ("indexer", l.path[-1]),
+                           pre + "self_attn.indexer." + l.hf_key.split("self_attn.0.indexer.", 1)[1]))
+    elif l.path[:3] == ("decoder", "layers", "mlp_0"):
+      leaves.append(single(l, path + ("mlp", l.path[-1]), pre + "transformer_layer.mlp." + l.hf_key.split("mlps.0.", 1)[1]))
   return leaves
 
 
@@ -156,13 +191,17 @@ def _ngram_leaves(c: ConfigDict) -> list[Leaf]:
       return np.pad(w, ((0, rows - stored), (0, 0)))
     return to_jax
 
+  v2 = released_v2_layout(c)
+  # LongCat-2.0: `model.oe_embed_tokens{i}` / `model.oe_embed_proj{i}` (mlx-lm longcat2.py `sanitize`,
+  # SGLang LongcatFlashProEmbedding.load_weight); Flash-Lite: `model.ngram_embeddings.*`.
+  table_key = "model.oe_embed_tokens{i}.weight" if v2 else "model.ngram_embeddings.embedders.{i}.weight"
+  proj_key = "model.oe_embed_proj{i}.weight" if v2 else "model.ngram_embeddings.post_projs.{i}.weight"
   leaves = []
   for i, (rows, stored) in enumerate(zip(ngram.ngram_table_rows(c), ngram.ngram_moduli(c))):
     leaves += [
-        Leaf("params", ("ngram_embedding", f"table_{i}"), f"model.ngram_embeddings.embedders.{i}.weight",
+        Leaf("params", ("ngram_embedding", f"table_{i}"), table_key.format(i=i),
              pad_to(rows, stored), lambda w, stored=stored: w[:stored]),
-        Leaf("params", ("ngram_embedding", f"post_proj_{i}"), f"model.ngram_embeddings.post_projs.{i}.weight",
-             _t, _t),
+        Leaf("params", ("ngram_embedding", f"post_proj_{i}"), proj_key.format(i=i), _t, _t),
     ]
   return leaves
 
@@ -298,8 +337,9 @@ def load_pretrained(path: str, dtype=None, *, config_overrides: dict | None = No
   for leaf in leaves:
     for idx, key in _instances(leaf, c):
       wanted[key] = (leaf, idx)
+  aside = lambda k: (_UNUSED_MTP_NGRAM.match(k) or k == MTP_EMBED_KEY) if c.mtp_num_heads else _ASIDE.match(k)
   unknown = [k for k in index.weight_map
-             if k not in wanted and not _ASIDE.match(k) and not _IGNORED.search(k) and not _identity_expert_key(k, c)]
+             if k not in wanted and not aside(k) and not _IGNORED.search(k) and not _identity_expert_key(k, c)]
   if unknown:
     raise CheckpointError(f"{path}: {len(unknown)} tensor(s) this model does not understand, e.g. "
                           f"{unknown[0]!r} in {index.file_of(unknown[0])} (all: {unknown[:8]}...)")
@@ -329,7 +369,7 @@ def load_pretrained(path: str, dtype=None, *, config_overrides: dict | None = No
       out[idx] = w.astype(np_dtype)
     _set(variables.setdefault(leaf.collection, {}), leaf.path, jnp.asarray(out))
     del out
-  if c.mtp_num_heads and MTP_EMBED_KEY in index.weight_map:
+  if c.mtp_num_heads and not c.mtp_shared_module and MTP_EMBED_KEY in index.weight_map:
     if not np.array_equal(index.get(MTP_EMBED_KEY), index.get("model.embed_tokens.weight")):
       warnings.warn(f"{index.file_of(MTP_EMBED_KEY)}: {MTP_EMBED_KEY} differs from model.embed_tokens.weight; "
                     "the MTP head here shares the main embedding, so the MTP copy is not used")
@@ -387,7 +427,7 @@ def save_pretrained(path: str, model: LongcatForCausalLM, variables, *, max_shar
       for e in range(c.num_ffn_experts, c.num_ffn_experts + c.zero_experts):
         for proj in ("gate_proj", "up_proj"):
           tensors.append((f"model.layers.{l}.mlp.experts.{e}.{proj}.weight", zeros))
-  if c.mtp_num_heads:  # the MTP head shares the main embedding; the released layout stores a copy
+  if c.mtp_num_heads and not c.mtp_shared_module:  # shares the main embedding; the released layout stores a copy
     tensors.append((MTP_EMBED_KEY, np.asarray(jax.device_get(variables["params"]["embed_tokens"]))))
   for k, v in (extra_tensors or {}).items():
     tensors.append((k, np.asarray(v)))

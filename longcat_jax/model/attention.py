@@ -60,14 +60,16 @@ class MLA(nn.Module):
     return math.sqrt(c.hidden_size / c.kv_lora_rank) if c.mla_scale_kv_lora else 1.0
 
   def q_latent(self, x):
-    """x [B, S, hidden] -> normed query latent [B, S, q_lora_rank] (also the sparse indexer's input)."""
+    """x [B, S, hidden] -> the scaled query latent norm(q_a(x)) * sqrt(hidden / q_lora) [B, S, q_lora_rank]:
+    what q_b reads, and the sparse indexer's query input (mlx-lm longcat2.py: `qr`)."""
     dt = dtype_of(self.config.dtype)
-    return rms_norm(token_matmul(x, self.q_a.astype(dt)), self.q_a_norm, self.config.latent_norm_eps)
+    lat = rms_norm(token_matmul(x, self.q_a.astype(dt)), self.q_a_norm, self.config.latent_norm_eps)
+    return lat * jnp.asarray(self.q_scale, dt)
 
   def queries(self, x, cos, sin):
     """x [B, S, hidden] -> q_nope [B, S, H, nope], q_rope [B, S, H, rope] (scaled, rotated)."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    q = token_matmul(self.q_latent(x), self.q_b.astype(dt)) * jnp.asarray(self.q_scale, dt)
+    q = token_matmul(self.q_latent(x), self.q_b.astype(dt))
     q = constrain(q, ("batch", "length", "act_heads", None))
     q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
     return q_nope, apply_rope(q_rope, cos, sin)

@@ -161,9 +161,15 @@ class LongcatForCausalLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin = rope_cos_sin(self.config, positions)
-    ahead = [jnp.pad(input_ids, ((0, 0), (0, k)))[:, k:] for k in range(1, self.config.mtp_num_heads + 1)]
-    embeds = jnp.take(self.embed_tokens, jnp.stack(ahead), axis=0).astype(dtype_of(self.config.dtype))
-    return self.mtp(hidden, embeds, cos, sin, segment_ids)
+    ahead = jnp.stack([jnp.pad(input_ids, ((0, 0), (0, k)))[:, k:] for k in range(1, self.config.mtp_num_heads + 1)])
+    return self.mtp(hidden, self.mtp_embed(ahead), cos, sin, segment_ids)
+
+  def mtp_embed(self, ids):
+    """The MTP steps' token embedding of ids [..., S]: the MTP module's own table
+    (`mtp_shared_module`, LongCat-2.0) or the main one, never with n-grams."""
+    if self.config.mtp_shared_module:
+      return self.mtp.embed(ids)
+    return jnp.take(self.embed_tokens, ids, axis=0).astype(dtype_of(self.config.dtype))
 
   def prefill(self, input_ids):
     """Prompt forward that stores the compressed KV cache (apply with `mutable=["cache"]`).

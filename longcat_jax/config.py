@@ -273,8 +273,9 @@ def _from_hf_longcat2(c: ConfigDict, hf: dict) -> None:
     c.sparse_attention = dict(index_heads=int(hf.get("index_n_heads", 32)), index_dim=int(hf.get("index_head_dim", 128)),
                               top_k=int(hf.get("index_topk", 2048)), init_tokens=int(hf.get("index_init_tokens") or 0),
                               local_tokens=int(hf.get("index_local_tokens") or 0))
-    if hf.get("index_topk_pattern"):
-      c.sparse_attention["topk_pattern"] = "".join(hf["index_topk_pattern"])
+    pattern = "".join(hf.get("index_topk_pattern") or [])
+    if pattern and pattern != "CS" * c.num_layers:  # kept only when not the default (checked by the model)
+      c.sparse_attention["topk_pattern"] = pattern
 
 
 def to_hf_config(c: ConfigDict) -> dict:

@@ -90,6 +90,17 @@ class MLA(nn.Module):
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + (c.qk_rope_head_dim,))
     return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
+  def attention_probs(self, x, cos, sin, keep):
+    """The attention distribution summed over heads, [B, S, T] float32, no gradient: softmax of
+    this block's scores over the keys in `keep` [B, S, T] (visible, and selected when sparse), the
+    target of the indexer's KL (DeepSeek-V3.2). Materialises [B, H, S, T]: for small-scale training."""
+    q_nope, q_rope = self.queries(x, cos, sin)
+    k, _ = self.expand(*self.latents(x, cos, sin))
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    s = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * softmax_scale(self.config)
+    p = jax.nn.softmax(jnp.where(keep[:, None], s, -jnp.inf), axis=-1)
+    return jax.lax.stop_gradient(jnp.where(keep[:, None], p, 0.0).sum(1))
+
   def out_proj(self, attn):
     """attn [B, S, H, v] -> [B, S, hidden]."""
     return token_matmul(attn, self.o.astype(dtype_of(self.config.dtype)), contract=2)

@@ -17,8 +17,8 @@ With no more keys than `top_k` the indexer selects nothing and attention is exac
 (`sparse_attention.topk_pattern`, default C/S alternating, `cli_factor=2`). The first
 `init_tokens` (attention sinks) and the last `local_tokens` keys are always kept within the
 `top_k` budget (streaming-aware indexing). The selection has no gradient; the indexer learns from
-`indexer_kl_loss` (DeepSeek-V3.2: KL from the main attention's head-summed distribution to
-softmax(I)).
+`indexer_kl` (DeepSeek-V3.2: KL from the main attention's head-summed distribution to
+softmax(I)), sown by the layer when the train step asks for it (`INDEXER_KL`).
 
 `config.sparse_attention = dict(index_heads, index_dim, top_k, init_tokens=0, local_tokens=0,
 [block_q=256], [topk_pattern="CS" * num_layers])`; `block_q` queries are indexed at a time, so
@@ -35,6 +35,7 @@ from longcat_jax.config import ConfigDict, dtype_of, softmax_scale
 from longcat_jax.model.layers import apply_rope, param, rms_norm
 
 INDEX_CACHE = "cache"  # decoding: the indexer keys of the cached tokens, `cache/index_k` [B, L, Di]
+INDEXER_KL = "indexer_kl"  # training: per layer `kl` and `recall` of the indexer against attention
 SCORE_BLOCK_ELEMENTS = 2**26  # above this many [S, Hi, T] logits the scores are summed head by head
 
 
@@ -45,6 +46,7 @@ def sparse_settings(config: ConfigDict) -> dict:
       raise ValueError(f"sparse_attention.{f} must be a positive integer (have {sorted(s)})")
   s.setdefault("init_tokens", 0)
   s.setdefault("local_tokens", 0)
+  s.setdefault("dense", False)  # True: attention dense (the indexer's dense warm-up stage of training)
   pattern = "".join(s.get("topk_pattern") or "CS" * config.num_layers)
   if pattern != "CS" * config.num_layers:
     bad = next(i for i, ch in enumerate(pattern + "?" * 2 * config.num_layers) if ch != "CS"[i % 2])
@@ -215,9 +217,22 @@ class Indexer(nn.Module):
 
   def select(self, x, q_latent, cos, sin, segment_ids=None, cache_mode=None, lengths=None):
     """The selected keys [B, S, K] for the layer's attention blocks, in the model's cache mode (None: dense)."""
+    if sparse_settings(self.config)["dense"] and cache_mode is None:
+      return None
     if cache_mode == "decode":
       return self.decode(x, q_latent, cos, sin, lengths)
     return self(x, q_latent, cos, sin, segment_ids)
+
+  def distill(self, x, q_latent, cos, sin, attn_probs, keep, dense_probs, visible):
+    """DeepSeek-V3.2's indexer training signal for one layer: x [B, S, hidden], q_latent [B, S, q_lora]
+    (the indexer's inputs, detached here), attn_probs [B, S, T] (the main attention's distribution
+    summed over heads, no gradient) over `keep` [B, S, T] (all visible keys in the dense warm-up, the
+    selected ones in the sparse stage) -> (KL, top-k recall of the dense distribution `dense_probs`
+    over the `visible` keys), float32 scalars."""
+    x, q_latent = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent)
+    scores = self.scores(x, q_latent, cos, sin, self.keys(x, cos, sin))
+    return indexer_kl(scores, attn_probs, keep), topk_recall(scores, dense_probs, visible,
+                                                             sparse_settings(self.config)["top_k"])
 
   def decode(self, x, q_latent, cos, sin, lengths):
     """x [B, T, hidden] at positions lengths[b] + t: appends their keys to `cache/index_k`
@@ -251,18 +266,26 @@ def attend(q, k, v, indices, *, config: ConfigDict):
   return sparse_attention(q, k, v, indices, sm_scale=softmax_scale(config), implementation=impl)
 
 
-def indexer_kl_loss(index_scores, attn_probs, indices):
-  """DeepSeek-V3.2's indexer loss over the selected keys, mean over queries.
+def indexer_kl(index_scores, attn_probs, keep):
+  """KL(p || softmax(I)) over the kept keys, mean over queries with a kept key (DeepSeek-V3.2, eq. 3/4).
 
-  index_scores [B, S, T] (masked with -inf), attn_probs [B, S, K] (the main attention's
-  probabilities over the selected keys, summed over heads; no gradient), indices [B, S, K].
-  KL(p || softmax(I)) with p = attn_probs / sum.
-  """
-  valid = indices >= 0
-  sel = jnp.take_along_axis(index_scores, jnp.maximum(indices, 0), axis=-1)
-  sel = jnp.where(valid, sel, -jnp.inf)
-  log_q = jax.nn.log_softmax(sel, axis=-1)
-  p = jax.lax.stop_gradient(jnp.where(valid, attn_probs, 0.0))
+  index_scores [B, S, T] float32, attn_probs [B, S, T] (head-summed attention, no gradient; renormalised
+  over `keep` [B, S, T] here). Gradient flows only into index_scores."""
+  p = jax.lax.stop_gradient(jnp.where(keep, attn_probs.astype(jnp.float32), 0.0))
   p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-  kl = jnp.where(valid & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - jnp.where(valid, log_q, 0.0)), 0.0)
-  return kl.sum(-1).mean()
+  log_q = jax.nn.log_softmax(jnp.where(keep, index_scores, -jnp.inf), axis=-1)
+  terms = jnp.where(keep & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - jnp.where(keep, log_q, 0.0)), 0.0)
+  rows = keep.any(-1)
+  return jnp.sum(terms.sum(-1) * rows) / jnp.maximum(rows.sum(), 1)
+
+
+def topk_recall(index_scores, attn_probs, keep, top_k: int):
+  """Share of the attention's top_k highest-weight keys that the indexer's top_k also holds, over
+  the queries with more than top_k kept keys (fewer are selected whole; chance = top_k / kept)."""
+  k = min(top_k, index_scores.shape[-1])
+  neg = jnp.float32(-jnp.inf)
+  _, by_attn = jax.lax.top_k(jnp.where(keep, attn_probs.astype(jnp.float32), neg), k)
+  _, by_index = jax.lax.top_k(jnp.where(keep, index_scores, neg), k)
+  hit = (by_attn[..., :, None] == by_index[..., None, :]).any(-1).mean(-1)     # [B, S]
+  rows = keep.sum(-1) > k
+  return jnp.sum(hit * rows) / jnp.maximum(rows.sum(), 1)

@@ -34,6 +34,10 @@ def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
   c.data.prefetch = 4
 
   c.optimizer = ConfigDict()
+  c.optimizer.name = "adamw"        # adamw | muon (Muon for hidden matrices, AdamW for the rest; optimizer.py)
+  c.optimizer.muon_momentum = 0.95
+  c.optimizer.muon_ns_steps = 5
+  c.optimizer.muon_update_rms = 0.2  # Moonshot: 0.2 * sqrt(max(fan_in, fan_out)) matches AdamW's update RMS
   c.optimizer.lr = 3e-3
   c.optimizer.schedule = "wsd"     # wsd | cosine | constant
   c.optimizer.warmup_steps = 50

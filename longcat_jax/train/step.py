@@ -60,7 +60,8 @@ class TrainState:
 def make_optimizer(model, config):
   """(optax transformation, lr schedule) for `config` (see `train.optimizer`)."""
   groups = optim.param_groups(model)
-  return optim.make_optimizer(config.optimizer, groups, config.total_steps, config.model.hidden_size)
+  dims = optim.muon_leaf_dims(model) if config.optimizer.get("name", "adamw") == "muon" else None
+  return optim.make_optimizer(config.optimizer, groups, config.total_steps, config.model.hidden_size, dims)
 
 
 def init_train_state(model, config, rng) -> TrainState:

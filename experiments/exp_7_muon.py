@@ -9,7 +9,8 @@ Runs: the trainer's recipe (WSD, lr 3e-3, weight decay 0.1, clipping 1.0) with A
 each seed in `seeds`; a seed fixes the initialisation and the data order, so the two optimizers of a
 seed see the same batches from the same weights (paired). Held-out loss on fixed batches.
 
-    python experiments/exp_7_muon.py                 # small (CPU)
+    python experiments/exp_7_muon.py                 # small (CPU): 3 seeds
+    python experiments/exp_7_muon.py --scale quick   # the same with seeds 0 and 1
     python experiments/exp_7_muon.py --smoke
 
 Writes results/exp7_muon.{png,json}; `claims.muon_lower_loss` says whether it held for every seed.
@@ -26,6 +27,7 @@ from experiments import common  # noqa: E402
 
 SCALES = {
     "small": dict(preset="tiny", steps=300, batch=16, seq=128, eval_batches=8, seeds=(0, 1, 2)),
+    "quick": dict(preset="tiny", steps=300, batch=16, seq=128, eval_batches=8, seeds=(0, 1)),  # 2 seeds of small
     "medium": dict(preset="small", steps=2000, batch=32, seq=512, eval_batches=16, seeds=(0, 1)),
     "smoke": dict(preset="tiny", steps=3, batch=4, seq=32, eval_batches=1, seeds=(0,)),
 }

@@ -208,6 +208,14 @@ def test_mtp_is_one_module_applied_three_times():
     h = rms_norm(x, mtp["final_norm"]["scale"], cfg.rms_norm_eps)
     np.testing.assert_allclose(got[k], np.asarray(h), atol=1e-6)
   assert idx is not None and idx.shape == (2, 12, 4)
+  # Its indexer trains like the main ones: the KL (step 1's selection) reaches only mtp/layer/indexer.
+  def mtp_kl(params):
+    _, out = model.apply({**v, "params": params}, hidden, ids, method=model.mtp_hidden, mutable=["indexer_kl"])
+    return out["indexer_kl"]["mtp"]["layer"]["mtp_kl"][0]
+  kl, g = jax.value_and_grad(mtp_kl)(v["params"])
+  assert np.isfinite(float(kl)) and float(kl) >= 0
+  moved = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(g)[0] if float(jnp.abs(x).max()) > 0}
+  assert moved and all("['mtp']['layer']['indexer']" in p for p in moved), moved
 
 
 def _bigram_mtp(model, v):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from longcat_jax.config import ConfigDict, dtype_of
 from longcat_jax.model.attention import MLA
 from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param
-from longcat_jax.model.sparse_attention import Indexer
+from longcat_jax.model.sparse_attention import INDEXER_KL, Indexer, distill_indexer
 
 _TOKENS = ("batch", "length", "embed")  # activations stay split over the token axes
 
@@ -56,6 +56,8 @@ class MTPLayer(nn.Module):
       indexer = Indexer(c, name="indexer")
       if not reuse or self.is_initializing():
         indices = indexer.select(y, mla.q_latent(y), cos, sin, segment_ids, self.cache_mode, cache_lengths)
+        if self.is_mutable_collection(INDEXER_KL) and self.cache_mode is None:  # trains like the main ones
+          distill_indexer(self, indexer, mla, y, cos, sin, segment_ids, indices, prefix="mtp_")
     x = x + mla(y, cos, sin, segment_ids, indices, cache_mode=self.cache_mode, cache_lengths=cache_lengths)
     x = constrain(x, _TOKENS)
     return constrain(x + DenseMLP(c, name="mlp")(norm("post_attn_norm")(x)), _TOKENS), indices

@@ -266,6 +266,25 @@ def attend(q, k, v, indices, *, config: ConfigDict):
   return sparse_attention(q, k, v, indices, sm_scale=softmax_scale(config), implementation=impl)
 
 
+def distill_indexer(module, indexer, mla, x, cos, sin, segment_ids, indices, prefix: str = ""):
+  """Sows (collection `INDEXER_KL`, names `{prefix}kl`, `{prefix}recall`) the indexer's KL to the
+  attention block `mla` reading x [B, S, hidden], and its top-k recall (training only): over all
+  visible keys when attention is dense (the warm-up, indices None), over the selected keys when
+  sparse (DeepSeek-V3.2's two stages; train/step.py). `module` is the Flax module that sows."""
+  from pallas_kernels.sparse_attention import indices_to_mask
+  b, s = x.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  visible = visible_mask(pos, pos, segment_ids, segment_ids)
+  dense = mla.attention_probs(x, cos, sin, visible)
+  keep, probs = visible, dense
+  if indices is not None:
+    keep = visible & indices_to_mask(indices, s)
+    probs = mla.attention_probs(x, cos, sin, keep)
+  kl, recall = indexer.distill(x, mla.q_latent(x), cos, sin, probs, keep, dense, visible)
+  module.sow(INDEXER_KL, f"{prefix}kl", kl)
+  module.sow(INDEXER_KL, f"{prefix}recall", recall)
+
+
 def indexer_kl(index_scores, attn_probs, keep):
   """KL(p || softmax(I)) over the kept keys, mean over queries with a kept key (DeepSeek-V3.2, eq. 3/4).
 

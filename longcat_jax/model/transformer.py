@@ -27,7 +27,7 @@ from longcat_jax.model.layers import DenseMLP, RMSNorm, constrain, param, rms_no
 from longcat_jax.model.moe import EXPERT_BIAS, EXPERT_LOAD, MoE
 from longcat_jax.model.mtp import MTPHead
 from longcat_jax.model.ngram import NgramEmbedding
-from longcat_jax.model.sparse_attention import INDEXER_KL, Indexer, visible_mask
+from longcat_jax.model.sparse_attention import INDEXER_KL, Indexer, distill_indexer
 
 # Collections carried per layer through the scan (stacked on axis 0).
 SCANNED_COLLECTIONS = ("params", EXPERT_BIAS, EXPERT_LOAD, "intermediates", "cache", INDEXER_KL)
@@ -60,7 +60,7 @@ class ScMoELayer(nn.Module):
       if indexer is not None and not selected:
         selected.append(indexer.select(x, mla.q_latent(x), cos, sin, segment_ids, self.cache_mode, cache_lengths))
         if self.is_mutable_collection(INDEXER_KL) and self.cache_mode is None:
-          self._distill_indexer(indexer, mla, x, cos, sin, segment_ids, selected[0])
+          distill_indexer(self, indexer, mla, x, cos, sin, segment_ids, selected[0])
       indices = selected[0] if selected else None
       if self.cache_mode == "prefill":
         return mla.prefill(x, cos, sin, indices=indices)
@@ -76,23 +76,6 @@ class ScMoELayer(nn.Module):
     h = h + attention("attn_1", norm("input_norm_1")(h))
     h = h + DenseMLP(c, name="mlp_1")(norm("post_attn_norm_1")(h)) + moe_out
     return h, None
-
-  def _distill_indexer(self, indexer, mla, x, cos, sin, segment_ids, indices):
-    """Sows the indexer's KL to the first block's attention and its top-k recall (`indexer_kl`
-    collection, training only): over all visible keys when attention is dense (the warm-up), over
-    the selected keys when sparse (DeepSeek-V3.2's two stages; train/step.py)."""
-    from pallas_kernels.sparse_attention import indices_to_mask
-    b, s = x.shape[:2]
-    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    visible = visible_mask(pos, pos, segment_ids, segment_ids)
-    dense = mla.attention_probs(x, cos, sin, visible)
-    keep, probs = visible, dense
-    if indices is not None:
-      keep = visible & indices_to_mask(indices, s)
-      probs = mla.attention_probs(x, cos, sin, keep)
-    kl, recall = indexer.distill(x, mla.q_latent(x), cos, sin, probs, keep, dense, visible)
-    self.sow(INDEXER_KL, "kl", kl)
-    self.sow(INDEXER_KL, "recall", recall)
 
 
 class Decoder(nn.Module):

@@ -133,6 +133,7 @@ def make_loss_fn(model, config):
   c, lc = config.model, config.loss
   n_mtp = c.mtp_num_heads
   kl_on = trains_indexer(config)
+  mtp_kl_on = kl_on and bool(c.mtp_num_heads) and bool(c.mtp_shared_module)
 
   def loss_fn(params, expert_bias, mb, norms, rng):
     n_loss, n_real, n_mtp_tokens, n_micro = norms
@@ -157,7 +158,10 @@ def make_loss_fn(model, config):
     mtp_sums = jnp.zeros((max(n_mtp, 1),), jnp.float32)
     if n_mtp:
       mtp_h = model.apply(variables, hidden, mb["input_ids"], mb["positions"], mb["segment_ids"],
-                          method=model.mtp_hidden)
+                          method=model.mtp_hidden, mutable=[INDEXER_KL] if mtp_kl_on else False)
+      if mtp_kl_on:  # LongCat-2.0's MTP module has its own indexer: the same KL (step 1's selection)
+        mtp_h, mtp_out = mtp_h
+        objective = objective + lc.indexer_kl_weight * jnp.mean(_find(mtp_out[INDEXER_KL], "mtp_kl")) / n_micro
       targets, weights = losses.mtp_targets(mb["input_ids"], mb["loss_mask"], n_mtp)
       mtp_sums = jnp.stack([losses.next_token_nll(mtp_h[k], unembed, targets[k], weights[k],
                                                   chunk_tokens=lc.chunk_tokens or None)[0]

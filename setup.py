@@ -30,6 +30,8 @@ setup(
             "pytest-xdist",
             "torch==2.13.0",
             "transformers>=5.23,<6",
+            "mlx[cpu]>=0.32",          # tests/test_mlx_parity.py: mlx-lm's LongCat models as reference
+            "mlx-lm>=0.32.2",
             "nbclient",
             "nbformat",
             "ipykernel",

@@ -66,6 +66,7 @@ def base_config() -> ConfigDict:
   c.ngram_embedding = None
   c.sparse_attention = None
   c.mtp_num_heads = 0
+  c.mtp_shared_module = False       # True: one MTP layer applied mtp_num_heads times (LongCat-2.0, model/mtp.py)
   # Numerics and execution.
   c.dtype = "float32"               # activation / compute dtype.
   c.param_dtype = "float32"         # master weights.
@@ -247,8 +248,8 @@ def from_hf_config(hf: dict, **overrides: Any) -> ConfigDict:
   if hf.get("ngram_vocab_size_ratio"):
     c.ngram_embedding = dict(vocab_size_ratio=hf["ngram_vocab_size_ratio"],
                              neighbor_num=hf.get("emb_neighbor_num", 4), split_num=hf.get("emb_split_num", 4))
-  _from_hf_longcat2(c, hf)
   c.mtp_num_heads = int(hf.get("mtp_num_layers") or hf.get("num_nextn_predict_layers", 0) or 0)
+  _from_hf_longcat2(c, hf)
   c.target_ffn_experts = min(c.target_ffn_experts, float(c.top_k))
   c.moe_block_size = min(c.moe_block_size, 64)
   quant = hf.get("quantization_config")
@@ -273,25 +274,49 @@ def _check_quantization(q: dict) -> None:
     raise ValueError(f"config.json: quantization_config weight_block_size={block!r} must be two positive integers")
 
 
+LONGCAT2_ARCHITECTURE = "LongcatCausalLM"  # the released LongCat-2.0 config.json (no model_type)
+
+
+def is_longcat2_config(hf: dict) -> bool:
+  """A LongCat-2.0 config.json: `architectures` LongcatCausalLM, or SGLang's `longcat_flash_pro`."""
+  return LONGCAT2_ARCHITECTURE in (hf.get("architectures") or []) or hf.get("model_type") == "longcat_flash_pro"
+
+
 def _from_hf_longcat2(c: ConfigDict, hf: dict) -> None:
-  """LongCat-2.0 fields (SGLang's LongcatFlashProConfig names): `oe_*` n-gram embeddings and the
-  LongCat Sparse Attention indexer (docs/LONGCAT2.md)."""
+  """LongCat-2.0 fields (the released config.json; SGLang's LongcatFlashProConfig and mlx-lm
+  longcat2.py `ModelArgs` defaults): `oe_*` n-gram embeddings, the LongCat Sparse Attention
+  indexer (`index_*`; on unless `use_longcat_dsa` is false: the release has no such field), the
+  one-module MTP (`mtp_replicate_modules`), and the released code's norms (docs/LONGCAT2.md)."""
+  v2 = is_longcat2_config(hf)
   if hf.get("oe_vocab_size_ratio") and hf.get("use_oe_embedding", True) is not False and c.ngram_embedding is None:
     c.ngram_embedding = dict(vocab_size_ratio=hf["oe_vocab_size_ratio"], neighbor_num=hf.get("oe_neighbor_num", 5),
-                             split_num=hf.get("oe_split_num", 4))
+                             split_num=hf.get("oe_split_num", 4), eos_reset=True)  # 2.0 code stops at EOS
+  if v2:
+    c.latent_norm_eps = c.rms_norm_eps  # mlx-lm longcat2.py: q_a / kv_a layernorms use rms_norm_eps
+    c.mtp_shared_module = bool(hf.get("mtp_replicate_modules", True))
+    if c.mtp_num_heads and hf.get("mtp_disable_over_tokenizer", True) is not True:
+      raise ValueError("config.json: mtp_disable_over_tokenizer=false (an MTP module with n-gram embeddings) "
+                       "is not supported")
   # LongCat-2.0's config.json has the index_* fields but no `use_longcat_dsa` switch.
   dsa = hf.get("use_longcat_dsa")
   if dsa is None:
-    dsa = hf.get("index_topk") is not None and hf.get("index_n_heads") is not None
+    dsa = hf.get("index_topk") is not None or hf.get("index_n_heads") is not None
   if dsa:
     if hf.get("index_k_norm_type", "rms") != "rms":
       raise ValueError(f"config.json: index_k_norm_type={hf['index_k_norm_type']!r} is not supported (only 'rms')")
     if hf.get("cli_factor", 2) != 2:
       raise ValueError(f"config.json: cli_factor={hf['cli_factor']} is not supported: the indexer is shared by "
                        "the 2 attention blocks of a ScMoE layer (cli_factor=2)")
+    if c.mtp_num_heads and hf.get("dsa_mtp_cli", True) is not True:
+      raise ValueError("config.json: dsa_mtp_cli=false (a key selection per MTP step) is not supported")
+    if hf.get("rope_interleave", hf.get("indexer_rope_interleave", True)) is not True:
+      raise ValueError("config.json: a rotate-half indexer RoPE (rope_interleave=false) is not supported")
     c.sparse_attention = dict(index_heads=int(hf.get("index_n_heads", 32)), index_dim=int(hf.get("index_head_dim", 128)),
                               top_k=int(hf.get("index_topk", 2048)), init_tokens=int(hf.get("index_init_tokens") or 0),
                               local_tokens=int(hf.get("index_local_tokens") or 0))
+    pattern = "".join(hf.get("index_topk_pattern") or [])
+    if pattern and pattern != "CS" * c.num_layers:  # kept only when not the default (checked by the model)
+      c.sparse_attention["topk_pattern"] = pattern
 
 
 def hf_architecture(c: ConfigDict) -> str:
@@ -345,6 +370,8 @@ def to_hf_config(c: ConfigDict) -> dict:
       hf["use_longcat_dsa"] = True
   if arch == "LongcatCausalLM" and c.mtp_num_heads:
     hf["mtp_num_layers"] = int(c.mtp_num_heads)
+  if arch == LONGCAT2_ARCHITECTURE:
+    _to_hf_longcat2(c, hf)
   if fmt.get("architecture") and fmt.get("model_type") is None:
     hf.pop("model_type")  # as released (Thinking-2601, 2.0)
   if fmt.get("router_dtype") is not None:

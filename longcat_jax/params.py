@@ -26,6 +26,12 @@ class ParamCount:
   top_k: int
   target_ffn_experts: float
   mtp: int = 0
+  mtp_unused_ngram: int = 0   # n-gram tables the released MTP module stores but never reads (LongCat-2.0)
+
+  @property
+  def serialized(self) -> int:
+    """Elements in the released checkpoint: the model, the MTP module and its unused n-gram tables."""
+    return self.total + self.mtp + self.mtp_unused_ngram
 
   def activated(self, ffn_experts_per_token: float) -> float:
     """Parameters touched per token with that many FFN experts per layer (the rest zero experts).
@@ -52,7 +58,9 @@ class ParamCount:
     return (f"total {b(self.total)} (experts {b(self.expert)}, non-expert {b(self.non_expert)}, "
             f"embeddings {b(self.embedding)}); activated per token: {b(self.activated_min)} (0 FFN experts), "
             f"{b(self.activated_target)} ({self.target_ffn_experts:g}), {b(self.activated_max)} ({self.top_k})"
-            + (f"; MTP {b(self.mtp)}" if self.mtp else ""))
+            + (f"; MTP {b(self.mtp)}" if self.mtp else "")
+            + (f" (+ {b(self.mtp_unused_ngram)} unused MTP n-gram tables; serialized {b(self.serialized)})"
+               if self.mtp_unused_ngram else ""))
 
 
 def param_shapes(config: ConfigDict):
@@ -78,6 +86,14 @@ def count_params(config: ConfigDict | str) -> ParamCount:
   mtp = sum(size(s) for k, s in flat.items() if k[0] == "mtp")
   n = config.num_ffn_experts
   per_expert = 3 * config.hidden_size * config.expert_ffn_size if n else 0
-  return ParamCount(total=total - mtp, expert=expert, non_expert=total - mtp - expert, per_expert=per_expert,
+  unused = 0
+  if config.mtp_num_heads and config.mtp_shared_module and config.ngram_embedding is not None:
+    # LongCat-2.0's checkpoint carries a second set of n-gram tables (+ projections) with the MTP
+    # module, which `mtp_disable_over_tokenizer` leaves unused: [derived] 1,775.56B serialized
+    # elements - (model + MTP layer) = one set of unpadded tables (docs/LONGCAT2.md section 6).
+    from longcat_jax.model import ngram
+    d = ngram.ngram_dim(config)
+    unused = sum(m * d + d * config.hidden_size for m in ngram.ngram_moduli(config))
+  return ParamCount(mtp_unused_ngram=unused, total=total - mtp, expert=expert, non_expert=total - mtp - expert, per_expert=per_expert,
                     embedding=embedding, num_layers=config.num_layers, top_k=config.top_k,
                     target_ffn_experts=config.target_ffn_experts, mtp=mtp)

@@ -3,8 +3,8 @@
 Every number's source is in docs/LONGCAT2.md. In short: flash_lite is the released config.json
 (spec section 4); longcat2 takes the defaults of SGLang's `LongcatFlashProConfig`
 (sgl-project/sglang python/sglang/srt/configs/longcat_flash_pro.py), which reproduce the published
-totals (1.6T parameters, ~48B activated, 135B n-gram parameters, 3-step MTP); its YaRN setting is
-a documented assumption.
+totals (1.6T parameters, ~48B activated, 135B n-gram parameters, 3-step MTP), with the released
+config.json's positions and YaRN and the released code's math (mlx-lm longcat2.py).
 
     cfg = longcat_jax.get_config("flash_lite")
     longcat_jax.count_params(cfg).total        # 68.5e9
@@ -31,15 +31,19 @@ def flash_lite(c: ConfigDict) -> ConfigDict:
 
 
 def longcat2(c: ConfigDict) -> ConfigDict:
-  """LongCat-2.0 (1.6T total, ~48B activated), LongCat Sparse Attention, 135B n-gram tables, 3 MTP heads."""
+  """LongCat-2.0 as released (1.6T without the MTP module, ~48B activated): LongCat Sparse
+  Attention, 135B n-gram tables, one MTP module applied 3 times (docs/LONGCAT2.md)."""
   c.name = "longcat2"
   c.update(vocab_size=163840, hidden_size=8192, num_layers=38, num_heads=64, q_lora_rank=1536,
            kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, ffn_size=12288,
            num_ffn_experts=768, zero_experts=128, top_k=12, expert_ffn_size=2048, routed_scaling_factor=9.0,
-           target_ffn_experts=8.0, rope_theta=1e6, max_position_embeddings=1048576, mtp_num_heads=3)
-  # Assumption (secondary sources only): YaRN x120 from an 8k pretraining window to ~1M positions.
+           target_ffn_experts=8.0, rope_theta=1e6, mtp_num_heads=3, mtp_shared_module=True,
+           # config.json: 262144 native positions (1M tokens is an override of this field); the
+           # latent norms use rms_norm_eps (mlx-lm longcat2.py `Longcat2Attention`).
+           max_position_embeddings=262144, latent_norm_eps=1e-5)
   c.rope_scaling = dict(type="yarn", factor=120.0, original_max_position_embeddings=8192, beta_fast=32,
-                        beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
-  c.ngram_embedding = dict(vocab_size_ratio=100.567, neighbor_num=5, split_num=4)
+                        beta_slow=1, mscale=1.0, mscale_all_dim=1.0)  # config.json `deepseek_yarn`
+  # eos_reset: the n-gram look-back stops at EOS (mlx-lm 9049ab3a longcat_flash_ngram.py `reach`).
+  c.ngram_embedding = dict(vocab_size_ratio=100.567, neighbor_num=5, split_num=4, eos_reset=True)
   c.sparse_attention = dict(index_heads=32, index_dim=128, top_k=2048, init_tokens=16, local_tokens=1024)
   return c

@@ -27,13 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longcat_jax.config import dtype_of
 from longcat_jax.inference.cache import pad_cache
 from longcat_jax.inference.common import _ngram_context, decode_model, model_variables, ngram_context_size
 from longcat_jax.inference.sampling import Sampling, sample, token_probs
 from longcat_jax.model.attention import CACHE
 from longcat_jax.model.layers import rms_norm, rope_cos_sin
-from longcat_jax.model.mtp import MTPLayer
+from longcat_jax.model.mtp import MTPLayer, step_names
 
 
 class SpecState(NamedTuple):
@@ -58,8 +57,8 @@ def mtp_params(variables):
 
 
 def _embed(model, ids):
-  """The MTP heads' token embedding: the main table, without n-grams (as `mtp_hidden`)."""
-  return jnp.take(model.embed_tokens, ids, axis=0).astype(dtype_of(model.config.dtype))
+  """The MTP steps' token embedding, without n-grams (as `mtp_hidden`)."""
+  return model.mtp_embed(ids)
 
 
 def _at(x, index):
@@ -121,7 +120,8 @@ class SpeculativeEngine:
     mtp = mtp_params(variables)
     cos, sin = rope_cos_sin(c, positions)
     b, t = known.shape
-    h, drafts, probs, new_caches = hidden, [], [], []
+    h, drafts, probs, new_caches, indices = hidden, [], [], [], None
+    names = step_names(c)
     for j in range(self.k):
       idx = jnp.arange(t)[None, :] + j  # head j+1 reads the token j+1 ahead
       toks = jnp.take_along_axis(known, jnp.minimum(idx, t - 1), axis=1)
@@ -129,11 +129,13 @@ class SpeculativeEngine:
         from_drafts = jnp.take_along_axis(jnp.stack(drafts, 1), jnp.clip(idx - n_valid[:, None], 0, j - 1), axis=1)
         toks = jnp.where(idx < n_valid[:, None], toks, from_drafts)
       emb = model.apply(variables, toks, method=_embed)
-      layer_vars = {"params": mtp[f"layer_{j}"]}
+      layer_vars = {"params": mtp[names[j]]}
       if caches is not None:
         layer_vars[CACHE] = caches[j]
-      x, state = MTPLayer(c, cache_mode=cache_mode, placement=self.model.placement).apply(layer_vars, h, emb, cos, sin, None, lengths,
-                                                          mutable=[CACHE])
+      # LongCat-2.0: step 1's key selection serves every step (`dsa_mtp_cli`); None = dense.
+      layer = MTPLayer(c, cache_mode=cache_mode, placement=self.model.placement)
+      (x, indices), state = layer.apply(layer_vars, h, emb, cos, sin, None, lengths, indices, j > 0,
+                                        mutable=[CACHE])
       h = rms_norm(x, mtp["final_norm"]["scale"], c.rms_norm_eps)  # the heads' shared final norm
       logits = model.apply(variables, _at(h, n_valid - 1), method="logits").astype(jnp.float32)
       rng, sub = jax.random.split(rng)

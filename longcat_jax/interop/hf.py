@@ -91,10 +91,11 @@ def _inventory(files: CheckpointFiles, c: ConfigDict, leaves: list[Leaf], shapes
   """{HF key: (leaf, index)}; refuses unknown and missing tensors, wrong shapes, F8 weights
   without (or with wrongly shaped) scales and F8 dtypes other than e4m3, before reading any data."""
   wanted = {key: (leaf, idx) for leaf in leaves for idx, key in leaf.instances(c)}
-  extra = set(layouts.identity_expert_keys(c)) | ({MTP_EMBED_KEY} if c.mtp_num_heads else set())
+  extra = set(layouts.identity_expert_keys(c)) | ({MTP_EMBED_KEY} if c.mtp_num_heads and not c.mtp_shared_module
+                                                  else set())
   scale_keys = {k + fp8.SCALE_SUFFIX for k in wanted}
   unknown = [k for k in files.keys() if k not in wanted and k not in extra and k not in scale_keys
-             and not k.startswith(_ASIDE) and not k.endswith(_IGNORED)]
+             and not k.startswith(_ASIDE) and not k.endswith(_IGNORED) and not layouts.UNUSED_MTP_NGRAM.match(k)]
   if unknown:
     raise CheckpointError(f"{files.path}: {len(unknown)} tensor(s) this model does not understand, e.g. "
                           f"{unknown[0]!r} in {files.info(unknown[0]).file} (all: {unknown[:8]}...)")
@@ -444,7 +445,7 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, shardings=None, rules=s
 def read_mtp_tensors(path: str) -> dict[str, np.ndarray]:
   """The `model.mtp.*` tensors of a checkpoint, by HF name (numpy, HF layout, stored dtype)."""
   files = CheckpointFiles(path)
-  return {k: files.read(k) for k in files.keys() if k.startswith(_ASIDE)}
+  return {k: files.read(k) for k in files.keys() if k.startswith(_ASIDE)}  # incl. 2.0's unused MTP n-gram tables
 
 
 def _get(tree, path):
@@ -620,7 +621,7 @@ def save_pretrained(path: str, model: LongcatForCausalLM, variables, *, max_shar
         "model.layers.{l}.mlp.experts.{e}.gate_proj.weight") or param_dtype))
     extras += [(k, zero) for k in layouts.identity_expert_keys(c)]
   specs += [(k, v.dtype, v.shape) for k, v in extras]
-  mtp_copy = bool(c.mtp_num_heads) and fmt.get("mtp_embed_copy", True)
+  mtp_copy = bool(c.mtp_num_heads) and not c.mtp_shared_module and fmt.get("mtp_embed_copy", True)
   if mtp_copy:  # the MTP head shares the main embedding; the released layout stores a copy
     emb = variables["params"]["embed_tokens"]
     specs.append((MTP_EMBED_KEY, np.dtype(dtypes.get("model.embed_tokens.weight") or param_dtype), tuple(emb.shape)))

@@ -14,6 +14,7 @@ tensor-name families it uses. A new release is one entry.
 from __future__ import annotations
 
 import dataclasses
+import re
 import math
 from typing import Callable
 
@@ -132,6 +133,37 @@ def mtp_per_head(c: ConfigDict) -> list[Leaf]:
   return out
 
 
+def mtp_shared(c: ConfigDict) -> list[Leaf]:
+  """LongCat-2.0's ONE MTP module `model.mtp.layers.0.*` <-> params['mtp']['layer'] (applied
+  `mtp_num_heads` times; `mtp_shared_module`): its MLA under `self_attn.*` with its own indexer
+  `self_attn.indexer.*`, `transformer_layer.mlp.*`, `eh_proj`, `enorm.m` / `hnorm.m`, and its own
+  `model.mtp.embed_tokens` and `model.mtp.norm` (docs/LONGCAT2.md section 0)."""
+  if not c.mtp_shared_module:
+    return mtp_per_head(c)
+  pre, path = "model.mtp.layers.0.", ("mtp", "layer")
+  out = [_leaf(("mtp", "final_norm", "scale"), "model.mtp.norm.weight", ID1),
+         _leaf(("mtp", "embed_tokens"), MTP_EMBED_KEY, ID2),
+         _leaf(path + ("eh_proj",), pre + "eh_proj.weight", T),
+         _leaf(path + ("enorm", "scale"), pre + "enorm.m.weight", ID1),
+         _leaf(path + ("hnorm", "scale"), pre + "hnorm.m.weight", ID1),
+         _leaf(path + ("input_norm", "scale"), pre + "input_layernorm.weight", ID1),
+         _leaf(path + ("post_attn_norm", "scale"), pre + "post_attention_layernorm.weight", ID1)]
+  out += [dataclasses.replace(l, path=path + ("attn",) + l.path, hf_key=pre + "self_attn." + l.hf_key)
+          for l in mla()]
+  out += [dataclasses.replace(l, path=path + ("mlp",) + l.path, hf_key=pre + "transformer_layer.mlp." + l.hf_key)
+          for l in dense_mlp()]
+  if c.sparse_attention is not None:
+    out += [dataclasses.replace(l, path=path + ("indexer",) + l.path[3:], per_layer=False,
+                                hf_key=pre + "self_attn.indexer." + l.hf_key.split("self_attn.0.indexer.", 1)[1])
+            for l in indexer(c)]
+  return out
+
+
+# LongCat-2.0 stores n-gram tables with its MTP module that the released code never reads
+# (`mtp_disable_over_tokenizer`): kept aside on load (`read_mtp_tensors`), never model variables.
+UNUSED_MTP_NGRAM = re.compile(r"^model\.mtp\..*oe_embed_(tokens|proj)\d+\.weight$")
+
+
 def _ngram(c: ConfigDict, table_key: str, proj_key: str) -> list[Leaf]:
   out = []
   for i, stored in enumerate(ngram.ngram_moduli(c)):
@@ -180,9 +212,8 @@ LAYOUTS = {
     "LongcatFlashForCausalLM": Layout("LongcatFlashForCausalLM", "longcat_flash", ngram_lite, mtp_per_head, True),
     "LongcatFlashNgramForCausalLM": Layout("LongcatFlashNgramForCausalLM", "longcat_flash_ngram", ngram_lite,
                                            mtp_per_head, False),
-    # LongCat-2.0: n-gram and indexer names as released; its MTP (one module applied 3 times) is
-    # issue 15's, so here the per-head names stand in.
-    "LongcatCausalLM": Layout("LongcatCausalLM", None, ngram_oe, mtp_per_head, False),
+    # LongCat-2.0: n-gram and indexer names as released, one MTP module applied 3 times.
+    "LongcatCausalLM": Layout("LongcatCausalLM", None, ngram_oe, mtp_shared, False),
 }
 
 

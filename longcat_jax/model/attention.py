@@ -58,9 +58,11 @@ class MLA(nn.Module):
     return math.sqrt(c.hidden_size / c.kv_lora_rank) if c.mla_scale_kv_lora else 1.0
 
   def q_latent(self, x):
-    """x [B, S, hidden] -> normed query latent [B, S, q_lora_rank] (also the sparse indexer's input)."""
+    """x [B, S, hidden] -> the scaled query latent norm(q_a(x)) * sqrt(hidden / q_lora) [B, S, q_lora_rank]:
+    what q_b reads, and the sparse indexer's query input (mlx-lm longcat2.py: `qr`)."""
     dt = dtype_of(self.config.dtype)
-    return rms_norm(self._matmul(x, self.q_a.astype(dt)), self.q_a_norm, self.config.latent_norm_eps)
+    lat = rms_norm(self._matmul(x, self.q_a.astype(dt)), self.q_a_norm, self.config.latent_norm_eps)
+    return lat * jnp.asarray(self.q_scale, dt)
 
   def _matmul(self, x, w, contract: int = 1):
     return token_matmul(x, w, contract, placement=self.placement)
@@ -68,7 +70,7 @@ class MLA(nn.Module):
   def queries(self, x, cos, sin):
     """x [B, S, hidden] -> q_nope [B, S, H, nope], q_rope [B, S, H, rope] (scaled, rotated)."""
     c, dt = self.config, dtype_of(self.config.dtype)
-    q = self._matmul(self.q_latent(x), self.q_b.astype(dt)) * jnp.asarray(self.q_scale, dt)
+    q = self._matmul(self.q_latent(x), self.q_b.astype(dt))
     q = self.placement.constrain(q, ("batch", "length", "act_heads", None))
     q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
     return q_nope, apply_rope(q_rope, cos, sin)
@@ -88,6 +90,17 @@ class MLA(nn.Module):
     k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + (c.qk_rope_head_dim,))
     return jnp.concatenate([k_nope, k_rope], axis=-1), v
+
+  def attention_probs(self, x, cos, sin, keep):
+    """The attention distribution summed over heads, [B, S, T] float32, no gradient: softmax of
+    this block's scores over the keys in `keep` [B, S, T] (visible, and selected when sparse), the
+    target of the indexer's KL (DeepSeek-V3.2). Materialises [B, H, S, T]: for small-scale training."""
+    q_nope, q_rope = self.queries(x, cos, sin)
+    k, _ = self.expand(*self.latents(x, cos, sin))
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    s = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * softmax_scale(self.config)
+    p = jax.nn.softmax(jnp.where(keep[:, None], s, -jnp.inf), axis=-1)
+    return jax.lax.stop_gradient(jnp.where(keep[:, None], p, 0.0).sum(1))
 
   def out_proj(self, attn):
     """attn [B, S, H, v] -> [B, S, hidden]."""

@@ -10,7 +10,11 @@ integer width): every product is reduced modulo M_idx chunk by chunk, so no inte
 2**31 (`ngram_ids` equals the int64 formula; the tests check it against numpy int64).
 
 `segment_ids` (packed training documents) zero the neighbours that lie in another document, so a
-packed document sees exactly the ids it would see alone. Decoding carries the last N - 1 tokens as
+packed document sees exactly the ids it would see alone. `eos_reset=True` (LongCat-2.0) also stops
+the look-back at an end-of-sequence token inside one sequence, as the released 2.0 code does
+(mlx-lm commit 9049ab3a `longcat_flash_ngram.NgramEmbedding.__call__`, `reach`): neighbour t-d is
+zeroed when an EOS lies in t-d .. t-1 (the EOS ends its document; the token after it starts fresh).
+Flash-Lite does not reset (its mlx-lm `ModelArgs` carries no eos_token_id, so `reach` is off). Decoding carries the last N - 1 tokens as
 the n-gram context ([batch, N - 1], zeros = before the start; `update_ngram_context`).
 
 Tables are padded to a multiple of `row_multiple` rows (default 1024; pad rows are never read) so
@@ -34,6 +38,7 @@ def ngram_settings(config: ConfigDict) -> dict:
   """The n-gram fields of `config.ngram_embedding` with defaults filled in."""
   s = dict(config.ngram_embedding)
   s.setdefault("row_multiple", 1024)
+  s.setdefault("eos_reset", False)
   return s
 
 
@@ -103,12 +108,23 @@ def _mulmod(a, b: int, mod: int, a_bits: int = 31):
   return acc
 
 
+def eos_reach(full, eos_token_id: int, n1: int):
+  """full [B, n1 + S] (context then tokens) -> reach [B, S]: how many tokens back the look-back of
+  each token may go (neighbour d is kept iff d < reach): t - (the last EOS strictly before t)."""
+  pos = jnp.arange(full.shape[1], dtype=jnp.int32)
+  marked = jnp.where(full == eos_token_id, pos, -1)
+  last_eos = jax.lax.cummax(marked, axis=1)
+  last_before = jnp.concatenate([jnp.full_like(last_eos[:, :1], -1), last_eos[:, :-1]], axis=1)
+  return (pos - last_before)[:, n1:]
+
+
 def ngram_ids(input_ids, *, vocab_size: int, moduli: list[int], neighbor_num: int, split_num: int,
-              context=None, segment_ids=None):
+              context=None, segment_ids=None, eos_token_id: int | None = None):
   """N-gram row ids of every table: int32 [num_tables, batch, seq].
 
   input_ids [B, S] int; context [B, N - 1] tokens before input_ids (None = start of sequence);
-  segment_ids [B, S] (neighbours from another segment count as 0; only without context).
+  segment_ids [B, S] (neighbours from another segment count as 0; only without context);
+  eos_token_id: when set, neighbours at or before an EOS that precedes the token count as 0.
   """
   b, s = input_ids.shape
   n1 = neighbor_num - 1
@@ -118,9 +134,12 @@ def ngram_ids(input_ids, *, vocab_size: int, moduli: list[int], neighbor_num: in
   elif segment_ids is not None:
     raise ValueError("ngram_ids: pass either context (decoding) or segment_ids (packed training), not both")
   full = jnp.concatenate([context.astype(jnp.int32), ids], axis=1)      # [B, n1 + S]
+  reach = None if eos_token_id is None else eos_reach(full, int(eos_token_id), n1)
   shifted = {}
   for d in range(1, n1 + 1):
     prev = full[:, n1 - d:n1 - d + s]                                     # t_{i-d}
+    if reach is not None:
+      prev = jnp.where(reach > d, prev, 0)
     if segment_ids is not None:
       same = jnp.zeros((b, s), bool).at[:, d:].set(segment_ids[:, d:] == segment_ids[:, :-d])
       prev = jnp.where(same, prev, 0)
@@ -141,7 +160,7 @@ def ngram_ids_for_config(config: ConfigDict, input_ids, context=None, segment_id
   s = ngram_settings(config)
   return ngram_ids(input_ids, vocab_size=config.vocab_size, moduli=ngram_moduli(config),
                    neighbor_num=s["neighbor_num"], split_num=s["split_num"], context=context,
-                   segment_ids=segment_ids)
+                   segment_ids=segment_ids, eos_token_id=config.eos_token_id if s["eos_reset"] else None)
 
 
 def init_ngram_context(config: ConfigDict, batch: int):

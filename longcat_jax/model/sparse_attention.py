@@ -1,23 +1,28 @@
 """LongCat Sparse Attention: the indexer that picks, per query, the keys attention reads.
 
-DeepSeek-V3.2's lightning indexer (transformers `models/deepseek_v32`, `DeepseekV32Indexer`), with
-LongCat-2.0's changes as SGLang serves them (docs/LONGCAT2.md):
+DeepSeek-V3.2's lightning indexer with LongCat-2.0's changes, as the released weights compute it
+(mlx-lm `mlx_lm/models/longcat2.py` `Indexer`, commit 9049ab3a; SGLang-FluentLLM
+`nsa_indexer.IndexerBf16`; docs/LONGCAT2.md section 3):
 
-    q_I   = wq_b(q_latent)              [B, S, Hi, Di]   q_latent: attn_0's normed q_a output
+    q_I   = wq_b(q_latent)              [B, S, Hi, Di]   q_latent: attn_0's SCALED query latent (what q_b reads)
     k_I   = rms_norm(wk(x))             [B, T, Di]       one key per token, shared by the Hi heads
-    (rope on the first qk_rope_head_dim dims of both, half-split convention)
+    (interleaved RoPE on the first qk_rope_head_dim dims of both, as the main MLA's; theta and YaRN as the model's)
     w     = weights_proj(x) * Hi**-0.5  [B, S, Hi]       float32
     I_st  = sum_h w_sh * relu(q_I[s, h] . k_I[t] * Di**-0.5)     causal (and same segment)
     keep  = top_k(I_s + inf * [t < init_tokens or s - t < local_tokens])  -> [B, S, top_k], -1 = empty
 
-One indexer per ScMoE layer, computed from the first attention block's input and shared by both
-blocks (LongCat's cross-layer indexing, `cli_factor=2`). The first `init_tokens` (attention
-sinks) and the last `local_tokens` keys are always kept within the `top_k` budget (streaming-aware
-indexing). The selection has no gradient; the indexer learns from `indexer_kl_loss` (DeepSeek-V3.2:
-KL from the main attention's head-summed distribution over the selected keys to softmax(I)).
+With no more keys than `top_k` the indexer selects nothing and attention is exactly dense
+(`Indexer.select` returns None). One indexer per ScMoE layer, in the first attention block
+("C"ompute), its selection reused by the second ("S"hare): `index_topk_pattern`
+(`sparse_attention.topk_pattern`, default C/S alternating, `cli_factor=2`). The first
+`init_tokens` (attention sinks) and the last `local_tokens` keys are always kept within the
+`top_k` budget (streaming-aware indexing). The selection has no gradient; the indexer learns from
+`indexer_kl` (DeepSeek-V3.2: KL from the main attention's head-summed distribution to
+softmax(I)), sown by the layer when the train step asks for it (`INDEXER_KL`).
 
 `config.sparse_attention = dict(index_heads, index_dim, top_k, init_tokens=0, local_tokens=0,
-[block_q=256])`; `block_q` queries are indexed at a time, so memory is O(block_q * S), not O(S^2).
+[block_q=256], [topk_pattern="CS" * num_layers])`; `block_q` queries are indexed at a time, so
+memory is O(block_q * S), not O(S^2).
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ import jax.numpy as jnp
 
 from longcat_jax.config import ConfigDict, dtype_of, softmax_scale
 from longcat_jax.model.experts import kernel_impl
-from longcat_jax.model.layers import param, rms_norm
+from longcat_jax.model.layers import apply_rope, param, rms_norm
 from longcat_jax.model.placement import LOCAL, Placement
 
 INDEX_CACHE = "cache"  # decoding: the indexer keys of the cached tokens, `cache/index_k` [B, L, Di]
+INDEXER_KL = "indexer_kl"  # training: per layer `kl` and `recall` of the indexer against attention
 SCORE_BLOCK_ELEMENTS = 2**26  # above this many [S, Hi, T] logits the scores are summed head by head
 
 
@@ -42,21 +48,30 @@ def sparse_settings(config: ConfigDict) -> dict:
       raise ValueError(f"sparse_attention.{f} must be a positive integer (have {sorted(s)})")
   s.setdefault("init_tokens", 0)
   s.setdefault("local_tokens", 0)
+  s.setdefault("dense", False)  # True: attention dense (the indexer's dense warm-up stage of training)
+  pattern = "".join(s.get("topk_pattern") or "CS" * config.num_layers)
+  if pattern != "CS" * config.num_layers:
+    bad = next(i for i, ch in enumerate(pattern + "?" * 2 * config.num_layers) if ch != "CS"[i % 2])
+    raise ValueError(f"sparse_attention.topk_pattern={pattern!r}: block {bad} is {pattern[bad:bad + 1]!r}; only the "
+                     f"released pattern is supported (block 2l computes, 2l+1 shares: 'CS' * num_layers="
+                     f"{config.num_layers}), as the scanned layers share one structure")
+  s["topk_pattern"] = pattern
   if s["index_dim"] < config.qk_rope_head_dim:
     raise ValueError(f"sparse_attention.index_dim={s['index_dim']} is smaller than qk_rope_head_dim="
                      f"{config.qk_rope_head_dim} (the indexer ropes its first qk_rope_head_dim dims)")
   return s
 
 
-def apply_rope_half(x, cos, sin):
-  """Half-split (rotate-half) RoPE on the first 2 * cos.shape[-1] dims of x [B, S, (Hi,) Di]."""
+def apply_rope_prefix(x, cos, sin):
+  """Interleaved RoPE (`layers.apply_rope`) on the first 2 * cos.shape[-1] dims of x [B, S, (Hi,) Di].
+
+  LongCat-2.0's indexer ropes adjacent pairs like the main MLA (mlx-lm longcat2.py `Indexer`:
+  `initialize_rope(..., traditional=indexer_rope_interleave=True)`; FluentLLM `IndexerBf16`:
+  `is_rope_neox_style=False`). The rotated dims come out de-interleaved as in `apply_rope`; q and k
+  share the layout, so the scores are those of the interleaved convention.
+  """
   r = 2 * cos.shape[-1]
-  if x.ndim == 4:
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  rot, rest = x[..., :r].astype(jnp.float32), x[..., r:]
-  x1, x2 = rot[..., :r // 2], rot[..., r // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-  return jnp.concatenate([out, rest], axis=-1)
+  return jnp.concatenate([apply_rope(x[..., :r], cos, sin), x[..., r:]], axis=-1)
 
 
 def visible_mask(q_pos, k_pos, q_seg=None, k_seg=None):
@@ -159,14 +174,14 @@ class Indexer(nn.Module):
     """x [B, T, hidden] -> indexer keys [B, T, Di] (normed, roped)."""
     dt = dtype_of(self.config.dtype)
     k = rms_norm(x @ self.wk.astype(dt), self.k_norm, self.config.rms_norm_eps)
-    return apply_rope_half(k, cos, sin)
+    return apply_rope_prefix(k, cos, sin)
 
   def queries(self, x, q_latent, cos, sin):
     """-> q [B, S, Hi, Di] (roped, times Di**-0.5) and head weights w [B, S, Hi] f32 (times Hi**-0.5)."""
     dt = dtype_of(self.config.dtype)
     hi, di = self.wq_b.shape[1:]
     q = jnp.einsum("bsr,rhd->bshd", q_latent.astype(dt), self.wq_b.astype(dt))
-    q = apply_rope_half(q, cos, sin) * jnp.asarray(di ** -0.5, dt)
+    q = apply_rope_prefix(q, cos, sin) * jnp.asarray(di ** -0.5, dt)
     w = jnp.dot(x.astype(jnp.float32), self.weights_proj.astype(jnp.float32)) * hi ** -0.5
     return q, w
 
@@ -181,22 +196,38 @@ class Indexer(nn.Module):
                        local_tokens=st["local_tokens"], block_q=st.get("block_q", 256), placement=self.placement)
 
   def __call__(self, x, q_latent, cos, sin, segment_ids=None):
-    """Training / prefill: x [B, S, hidden], q_latent [B, S, q_lora] -> indices [B, S, K] into 0..S-1."""
+    """Training / prefill: x [B, S, hidden], q_latent [B, S, q_lora] -> indices [B, S, K] into 0..S-1,
+    or None (dense attention) when S <= top_k."""
     b, s_len = x.shape[:2]
     pos = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
     # Every query scores every earlier key: under context parallelism the keys are all-gathered.
     keys = self.placement.constrain(self.keys(x, cos, sin), ("batch", None, None))
     if self.is_mutable_collection(INDEX_CACHE) and not self.is_initializing():
       self.put_variable(INDEX_CACHE, "index_k", keys)
+    if s_len <= sparse_settings(self.config)["top_k"]:
+      return None  # no more keys than top_k: exactly dense (mlx-lm longcat2.py `Indexer.__call__`)
     k_pos = self.placement.constrain(pos, ("batch", None))
     k_seg = None if segment_ids is None else self.placement.constrain(segment_ids, ("batch", None))
     return self._select(x, q_latent, cos, sin, keys, pos, k_pos, segment_ids, k_seg)
 
   def select(self, x, q_latent, cos, sin, segment_ids=None, cache_mode=None, lengths=None):
-    """The selected keys [B, S, K] for the layer's attention blocks, in the model's cache mode."""
+    """The selected keys [B, S, K] for the layer's attention blocks, in the model's cache mode (None: dense)."""
+    if sparse_settings(self.config)["dense"] and cache_mode is None:
+      return None
     if cache_mode == "decode":
       return self.decode(x, q_latent, cos, sin, lengths)
     return self(x, q_latent, cos, sin, segment_ids)
+
+  def distill(self, x, q_latent, cos, sin, attn_probs, keep, dense_probs, visible):
+    """DeepSeek-V3.2's indexer training signal for one layer: x [B, S, hidden], q_latent [B, S, q_lora]
+    (the indexer's inputs, detached here), attn_probs [B, S, T] (the main attention's distribution
+    summed over heads, no gradient) over `keep` [B, S, T] (all visible keys in the dense warm-up, the
+    selected ones in the sparse stage) -> (KL, top-k recall of the dense distribution `dense_probs`
+    over the `visible` keys), float32 scalars."""
+    x, q_latent = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent)
+    scores = self.scores(x, q_latent, cos, sin, self.keys(x, cos, sin))
+    return indexer_kl(scores, attn_probs, keep), topk_recall(scores, dense_probs, visible,
+                                                             sparse_settings(self.config)["top_k"])
 
   def decode(self, x, q_latent, cos, sin, lengths):
     """x [B, T, hidden] at positions lengths[b] + t: appends their keys to `cache/index_k`
@@ -206,6 +237,8 @@ class Indexer(nn.Module):
     cache = jax.vmap(put)(self.get_variable(INDEX_CACHE, "index_k"), keys, lengths)
     self.put_variable(INDEX_CACHE, "index_k", cache)
     b, cache_len = cache.shape[:2]
+    if cache_len <= sparse_settings(self.config)["top_k"]:
+      return None  # every cached key fits in the budget: dense
     q_pos = lengths[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)
     k_pos = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (b, cache_len))
     return self._select(x, q_latent, cos, sin, cache, q_pos, k_pos)
@@ -225,18 +258,45 @@ def attend(q, k, v, indices, *, config: ConfigDict, placement: Placement = LOCAL
                                     implementation=kernel_impl(config))
 
 
-def indexer_kl_loss(index_scores, attn_probs, indices):
-  """DeepSeek-V3.2's indexer loss over the selected keys, mean over queries.
+def distill_indexer(module, indexer, mla, x, cos, sin, segment_ids, indices, prefix: str = ""):
+  """Sows (collection `INDEXER_KL`, names `{prefix}kl`, `{prefix}recall`) the indexer's KL to the
+  attention block `mla` reading x [B, S, hidden], and its top-k recall (training only): over all
+  visible keys when attention is dense (the warm-up, indices None), over the selected keys when
+  sparse (DeepSeek-V3.2's two stages; train/step.py). `module` is the Flax module that sows."""
+  from pallas_kernels.sparse_attention import indices_to_mask
+  b, s = x.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  visible = visible_mask(pos, pos, segment_ids, segment_ids)
+  dense = mla.attention_probs(x, cos, sin, visible)
+  keep, probs = visible, dense
+  if indices is not None:
+    keep = visible & indices_to_mask(indices, s)
+    probs = mla.attention_probs(x, cos, sin, keep)
+  kl, recall = indexer.distill(x, mla.q_latent(x), cos, sin, probs, keep, dense, visible)
+  module.sow(INDEXER_KL, f"{prefix}kl", kl)
+  module.sow(INDEXER_KL, f"{prefix}recall", recall)
 
-  index_scores [B, S, T] (masked with -inf), attn_probs [B, S, K] (the main attention's
-  probabilities over the selected keys, summed over heads; no gradient), indices [B, S, K].
-  KL(p || softmax(I)) with p = attn_probs / sum.
-  """
-  valid = indices >= 0
-  sel = jnp.take_along_axis(index_scores, jnp.maximum(indices, 0), axis=-1)
-  sel = jnp.where(valid, sel, -jnp.inf)
-  log_q = jax.nn.log_softmax(sel, axis=-1)
-  p = jax.lax.stop_gradient(jnp.where(valid, attn_probs, 0.0))
+
+def indexer_kl(index_scores, attn_probs, keep):
+  """KL(p || softmax(I)) over the kept keys, mean over queries with a kept key (DeepSeek-V3.2, eq. 3/4).
+
+  index_scores [B, S, T] float32, attn_probs [B, S, T] (head-summed attention, no gradient; renormalised
+  over `keep` [B, S, T] here). Gradient flows only into index_scores."""
+  p = jax.lax.stop_gradient(jnp.where(keep, attn_probs.astype(jnp.float32), 0.0))
   p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-  kl = jnp.where(valid & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - jnp.where(valid, log_q, 0.0)), 0.0)
-  return kl.sum(-1).mean()
+  log_q = jax.nn.log_softmax(jnp.where(keep, index_scores, -jnp.inf), axis=-1)
+  terms = jnp.where(keep & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - jnp.where(keep, log_q, 0.0)), 0.0)
+  rows = keep.any(-1)
+  return jnp.sum(terms.sum(-1) * rows) / jnp.maximum(rows.sum(), 1)
+
+
+def topk_recall(index_scores, attn_probs, keep, top_k: int):
+  """Share of the attention's top_k highest-weight keys that the indexer's top_k also holds, over
+  the queries with more than top_k kept keys (fewer are selected whole; chance = top_k / kept)."""
+  k = min(top_k, index_scores.shape[-1])
+  neg = jnp.float32(-jnp.inf)
+  _, by_attn = jax.lax.top_k(jnp.where(keep, attn_probs.astype(jnp.float32), neg), k)
+  _, by_index = jax.lax.top_k(jnp.where(keep, index_scores, neg), k)
+  hit = (by_attn[..., :, None] == by_index[..., None, :]).any(-1).mean(-1)     # [B, S]
+  rows = keep.sum(-1) > k
+  return jnp.sum(hit * rows) / jnp.maximum(rows.sum(), 1)

@@ -29,10 +29,10 @@ from longcat_jax.model.moe import EXPERT_BIAS, EXPERT_LOAD, MoE
 from longcat_jax.model.mtp import MTPHead
 from longcat_jax.model.ngram import NgramEmbedding
 from longcat_jax.model.placement import LOCAL, Placement
-from longcat_jax.model.sparse_attention import Indexer
+from longcat_jax.model.sparse_attention import INDEXER_KL, Indexer, distill_indexer
 
 # Collections carried per layer through the scan (stacked on axis 0).
-SCANNED_COLLECTIONS = ("params", EXPERT_BIAS, EXPERT_LOAD, "intermediates", "cache")
+SCANNED_COLLECTIONS = ("params", EXPERT_BIAS, EXPERT_LOAD, "intermediates", "cache", INDEXER_KL)
 
 _REMAT_POLICIES = {
     "full": None,
@@ -76,6 +76,8 @@ class ScMoELayer(nn.Module):
       mla = MLA(c, p, name=name)
       if indexer is not None and not selected:
         selected.append(indexer.select(x, mla.q_latent(x), cos, sin, segment_ids, self.cache_mode, cache_lengths))
+        if self.is_mutable_collection(INDEXER_KL) and self.cache_mode is None:
+          distill_indexer(self, indexer, mla, x, cos, sin, segment_ids, selected[0])
       indices = selected[0] if selected else None
       if self.cache_mode == "prefill":
         return mla.prefill(x, cos, sin, indices=indices)
@@ -187,9 +189,15 @@ class LongcatForCausalLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin = rope_cos_sin(self.config, positions)
-    ahead = [jnp.pad(input_ids, ((0, 0), (0, k)))[:, k:] for k in range(1, self.config.mtp_num_heads + 1)]
-    embeds = self.placement.lookup(self.embed_tokens, jnp.stack(ahead), dtype_of(self.config.dtype))
-    return self.mtp(hidden, embeds, cos, sin, segment_ids)
+    ahead = jnp.stack([jnp.pad(input_ids, ((0, 0), (0, k)))[:, k:] for k in range(1, self.config.mtp_num_heads + 1)])
+    return self.mtp(hidden, self.mtp_embed(ahead), cos, sin, segment_ids)
+
+  def mtp_embed(self, ids):
+    """The MTP steps' token embedding of ids [..., S]: the MTP module's own table
+    (`mtp_shared_module`, LongCat-2.0) or the main one, never with n-grams."""
+    if self.config.mtp_shared_module:
+      return self.mtp.embed(ids)
+    return self.placement.lookup(self.embed_tokens, ids, dtype_of(self.config.dtype))
 
   def prefill(self, input_ids):
     """Prompt forward that stores the compressed KV cache (apply with `mutable=["cache"]`).

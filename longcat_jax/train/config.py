@@ -46,6 +46,10 @@ def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
   c.data.prefetch = 4
 
   c.optimizer = ConfigDict()
+  c.optimizer.name = "adamw"        # adamw | muon (Muon for hidden matrices, AdamW for the rest; optimizer.py)
+  c.optimizer.muon_momentum = 0.95
+  c.optimizer.muon_ns_steps = 5
+  c.optimizer.muon_update_rms = 0.2  # Moonshot: 0.2 * sqrt(max(fan_in, fan_out)) matches AdamW's update RMS
   c.optimizer.lr = 3e-3
   c.optimizer.schedule = "wsd"     # wsd | cosine | constant
   c.optimizer.warmup_steps = 50
@@ -64,6 +68,8 @@ def get_train_config(model: str = "tiny", **overrides) -> ConfigDict:
   c.loss.balance_groups = 1        # D: FFN-expert groups (the expert-parallel degree)
   c.loss.mtp_loss_weight = 0.1     # weight of the mean MTP head loss (model.mtp_num_heads > 0)
   c.loss.chunk_tokens = 0          # tokens per output-projection chunk (0 = 16M logits per chunk)
+  c.loss.indexer_kl_weight = 0.0   # > 0: train the sparse indexer by KL to attention (DeepSeek-V3.2; step.py)
+  c.loss.indexer_dense_warmup_steps = 0  # first steps: dense attention, only the indexer trains
 
   c.controller = ConfigDict()
   c.controller.rate = 0.3          # mu of the expert-bias update (spec section 3)

@@ -16,6 +16,10 @@ Signature (for the AOT planner and sharding tests):
   The step is a pure function of its arguments (no Python side effects, no host callbacks), so it
   can be jitted with any in/out shardings or lowered ahead of time with ShapeDtypeStructs
   (`abstract_train_state`).
+  With `loss.indexer_kl_weight` > 0 and sparse attention the indexer trains as DeepSeek-V3.2's
+  (`indexer_objective`): for the first `loss.indexer_dense_warmup_steps` steps attention is dense and
+  only the indexer's weights move; then attention is sparse and the KL is taken over the selected
+  keys; metrics gain indexer_kl and indexer_recall (top-k recall of attention's heaviest keys).
   metrics: float32 scalars loss (the optimised objective), nll (mean next-token cross-entropy),
     z_loss (hidden z-loss without lambda), balance_loss (without alpha), mtp_loss (mean over
     heads; 0 without MTP; per head: mtp_loss_per_head [N]), grad_norm (before clipping), lr, tokens (loss tokens), nonfinite
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from longcat_jax.model import EXPERT_BIAS, EXPERT_LOAD
+from longcat_jax.model.sparse_attention import INDEXER_KL
 from longcat_jax.model.transformer import init_variables
 from longcat_jax.train import controller, losses, optimizer as optim, spike as spike_lib
 from longcat_jax.train.checksum import tree_checksum
@@ -60,7 +65,8 @@ class TrainState:
 def make_optimizer(model, config):
   """(optax transformation, lr schedule) for `config` (see `train.optimizer`)."""
   groups = optim.param_groups(model)
-  return optim.make_optimizer(config.optimizer, groups, config.total_steps, config.model.hidden_size)
+  dims = optim.muon_leaf_dims(model) if config.optimizer.get("name", "adamw") == "muon" else None
+  return optim.make_optimizer(config.optimizer, groups, config.total_steps, config.model.hidden_size, dims)
 
 
 def init_train_state(model, config, rng) -> TrainState:
@@ -105,6 +111,23 @@ def _single_leaf(tree):
   return leaves[0]
 
 
+def trains_indexer(config) -> bool:
+  return bool(config.loss.get("indexer_kl_weight", 0.0)) and config.model.sparse_attention is not None
+
+
+def dense_attention_model(model):
+  """The same model with attention forced dense (the indexer's warm-up stage); same parameters."""
+  c = model.config.copy_and_resolve_references()
+  c.sparse_attention = dict(c.sparse_attention, dense=True)
+  return model.clone(config=c)
+
+
+def indexer_mask(params):
+  """True for the sparse indexers' weights (DeepSeek-V3.2's warm-up trains only these)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict({k: "indexer" in k for k in flat})
+
+
 def make_loss_fn(model, config):
   """loss_fn(params, expert_bias, microbatch, norms, rng) -> (objective, aux) for one microbatch.
 
@@ -113,12 +136,15 @@ def make_loss_fn(model, config):
   """
   c, lc = config.model, config.loss
   n_mtp = c.mtp_num_heads
+  kl_on = trains_indexer(config)
+  mtp_kl_on = kl_on and bool(c.mtp_num_heads) and bool(c.mtp_shared_module)
 
   def loss_fn(params, expert_bias, mb, norms, rng):
     n_loss, n_real, n_mtp_tokens, n_micro = norms
     variables = {"params": params, EXPERT_BIAS: expert_bias}
     hidden, out = model.apply(variables, mb["input_ids"], mb["positions"], mb["segment_ids"], return_hidden=True,
-                              mutable=[EXPERT_LOAD, "intermediates"], rngs={"dropout": rng})
+                              mutable=[EXPERT_LOAD, "intermediates"] + ([INDEXER_KL] if kl_on else []),
+                              rngs={"dropout": rng})
     unembed = params["embed_tokens"].T if c.tie_word_embeddings else params["lm_head"]
     nll_sum, _ = losses.next_token_nll(hidden, unembed, mb["targets"], mb["loss_mask"],
                                        chunk_tokens=lc.chunk_tokens or None)
@@ -136,7 +162,10 @@ def make_loss_fn(model, config):
     mtp_sums = jnp.zeros((max(n_mtp, 1),), jnp.float32)
     if n_mtp:
       mtp_h = model.apply(variables, hidden, mb["input_ids"], mb["positions"], mb["segment_ids"],
-                          method=model.mtp_hidden)
+                          method=model.mtp_hidden, mutable=[INDEXER_KL] if mtp_kl_on else False)
+      if mtp_kl_on:  # LongCat-2.0's MTP module has its own indexer: the same KL (step 1's selection)
+        mtp_h, mtp_out = mtp_h
+        objective = objective + lc.indexer_kl_weight * jnp.mean(_find(mtp_out[INDEXER_KL], "mtp_kl")) / n_micro
       targets, weights = losses.mtp_targets(mb["input_ids"], mb["loss_mask"], n_mtp)
       mtp_sums = jnp.stack([losses.next_token_nll(mtp_h[k], unembed, targets[k], weights[k],
                                                   chunk_tokens=lc.chunk_tokens or None)[0]
@@ -144,6 +173,10 @@ def make_loss_fn(model, config):
       objective = objective + lc.mtp_loss_weight * jnp.mean(mtp_sums / jnp.maximum(n_mtp_tokens, 1.0))
     fpt = _find(inter, "ffn_experts_per_token")
     aux = dict(nll_sum=nll_sum, z_sum=z_sum, balance=lb / n_micro, mtp_sums=mtp_sums, load=load, fpt=fpt)
+    if kl_on:  # mean over layers; the KL reaches only the indexer (inputs and attention detached)
+      kl, recall = jnp.mean(_find(out[INDEXER_KL], "kl")), jnp.mean(_find(out[INDEXER_KL], "recall"))
+      objective = objective + lc.indexer_kl_weight * kl / n_micro
+      aux.update(indexer_kl=kl / n_micro, indexer_recall=recall / n_micro)
     return objective, aux
 
   return loss_fn
@@ -168,9 +201,17 @@ def make_train_step(model, config):
   n_micro = int(config.grad_accum_steps)
   tx, schedule = make_optimizer(model, config)
   loss_fn = make_loss_fn(model, config)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  sparse_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  warmup = int(config.loss.get("indexer_dense_warmup_steps", 0)) if trains_indexer(config) else 0
+  dense_grad_fn = (jax.value_and_grad(make_loss_fn(dense_attention_model(model), config), has_aux=True)
+                   if warmup else None)
 
   def train_step(state: TrainState, batch):
+    def grad_fn(*args):  # the indexer's dense warm-up stage, then the sparse stage
+      if dense_grad_fn is None:
+        return sparse_grad_fn(*args)
+      return jax.lax.cond(state.step < warmup, lambda a: dense_grad_fn(*a), lambda a: sparse_grad_fn(*a), args)
+
     batch = {k: batch[k] for k in BATCH_KEYS}
     rng, step_rng = jax.random.split(state.rng)
     norms = _batch_norms(batch, c.mtp_num_heads, n_micro)
@@ -200,6 +241,10 @@ def make_train_step(model, config):
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if warmup:  # warm-up: only the indexer moves (the others' zero gradients would still decay them)
+      warm = state.step < warmup
+      updates = jax.tree.map(lambda u, ind: jnp.where(warm & ~ind, jnp.zeros_like(u), u), updates,
+                             indexer_mask(updates))
     params = optax.apply_updates(state.params, updates)
     expert_bias = controller.update_expert_bias(state.expert_bias, aux["load"], c, state.step,
                                                 rate=config.controller.rate,
@@ -234,6 +279,8 @@ def make_train_step(model, config):
         spike=spike.astype(jnp.float32), loss_limit=limits["loss"], grad_norm_limit=limits["grad_norm"])
     if sdc:
       metrics["grad_checksum"] = tree_checksum(grads)
+    if trains_indexer(config):
+      metrics.update(indexer_kl=aux["indexer_kl"], indexer_recall=aux["indexer_recall"])
     return new, metrics
 
   return train_step

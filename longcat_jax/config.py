@@ -379,6 +379,35 @@ def to_hf_config(c: ConfigDict) -> dict:
   return hf
 
 
+def _to_hf_longcat2(c: ConfigDict, hf: dict) -> None:
+  """The released LongCat-2.0 config.json layout: `LongcatCausalLM`, no model_type, no
+  use_longcat_dsa, `oe_*` n-gram fields, `index_*` fields, `mtp_num_layers`."""
+  hf.pop("model_type", None)
+  hf["architectures"] = [LONGCAT2_ARCHITECTURE]
+  hf["rms_norm_eps"] = c.rms_norm_eps
+  if c.latent_norm_eps != c.rms_norm_eps:
+    raise ValueError(f"config {c.name!r}: latent_norm_eps={c.latent_norm_eps} differs from rms_norm_eps="
+                     f"{c.rms_norm_eps}, which the LongCat-2.0 config.json cannot express")
+  if c.ngram_embedding is not None:
+    n = c.ngram_embedding
+    if not n.get("eos_reset", False):
+      raise ValueError(f"config {c.name!r}: the LongCat-2.0 layout's n-grams stop at EOS (eos_reset=True)")
+    for k in ("ngram_vocab_size_ratio", "emb_neighbor_num", "emb_split_num"):
+      hf.pop(k, None)
+    hf.update(oe_vocab_size_ratio=n["vocab_size_ratio"], oe_neighbor_num=n["neighbor_num"], oe_split_num=n["split_num"])
+  if c.sparse_attention is not None:
+    s = c.sparse_attention
+    hf.update(index_n_heads=s["index_heads"], index_head_dim=s["index_dim"], index_topk=s["top_k"],
+              index_init_tokens=s.get("init_tokens", 0), index_local_tokens=s.get("local_tokens", 0),
+              index_k_norm_type="rms", cli_factor=2, index_topk_pattern=list("CS" * c.num_layers))
+  hf.pop("num_nextn_predict_layers", None)
+  if c.mtp_num_heads:
+    if not c.mtp_shared_module:
+      raise ValueError(f"config {c.name!r}: the LongCat-2.0 layout has one MTP module (mtp_shared_module=True)")
+    hf.update(mtp_num_layers=int(c.mtp_num_heads), mtp_replicate_modules=True, mtp_disable_over_tokenizer=True,
+              dsa_mtp_cli=True)
+
+
 def dtype_of(name: str):
   import jax.numpy as jnp
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longcat_jax.config import ConfigDict, get_config
-from longcat_jax.model import LongcatForCausalLM
+from longcat_jax.model import LongcatForCausalLM, ngram
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,6 @@ def count_params(config: ConfigDict | str) -> ParamCount:
     # LongCat-2.0's checkpoint carries a second set of n-gram tables (+ projections) with the MTP
     # module, which `mtp_disable_over_tokenizer` leaves unused: [derived] 1,775.56B serialized
     # elements - (model + MTP layer) = one set of unpadded tables (docs/LONGCAT2.md section 6).
-    from longcat_jax.model import ngram
     d = ngram.ngram_dim(config)
     unused = sum(m * d + d * config.hidden_size for m in ngram.ngram_moduli(config))
   return ParamCount(mtp_unused_ngram=unused, total=total - mtp, expert=expert, non_expert=total - mtp - expert, per_expert=per_expert,

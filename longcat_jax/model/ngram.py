@@ -24,6 +24,7 @@ they shard evenly over the mesh on the `ngram_vocab` logical axis.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 

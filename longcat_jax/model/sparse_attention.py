@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.sparse_attention import indices_to_mask
 from longcat_jax.config import ConfigDict, dtype_of, softmax_scale
 from longcat_jax.model.experts import kernel_impl
 from longcat_jax.model.layers import apply_rope, param, rms_norm
@@ -263,7 +264,6 @@ def distill_indexer(module, indexer, mla, x, cos, sin, segment_ids, indices, pre
   attention block `mla` reading x [B, S, hidden], and its top-k recall (training only): over all
   visible keys when attention is dense (the warm-up, indices None), over the selected keys when
   sparse (DeepSeek-V3.2's two stages; train/step.py). `module` is the Flax module that sows."""
-  from pallas_kernels.sparse_attention import indices_to_mask
   b, s = x.shape[:2]
   pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   visible = visible_mask(pos, pos, segment_ids, segment_ids)

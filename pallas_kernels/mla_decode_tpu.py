@@ -25,7 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.mla_attention import MASK_VALUE, _dot, _dot_nt
 from pallas_kernels.mla_decode import mla_decode_op
-from pallas_kernels.tpu_common import interpret_params, round_up
+from pallas_kernels.tpu_common import interpret_params, on_each_device, round_up
 
 
 def _decode_kernel(len_ref, ql_ref, qr_ref, cl_ref, cr_ref, acc_out, m_out, l_out, acc_sc, m_sc,
@@ -61,7 +61,17 @@ def _decode_kernel(len_ref, ql_ref, qr_ref, cl_ref, cr_ref, acc_out, m_out, l_ou
 
 def mla_decode_mosaic(q_latent, q_rope, cache_latent, cache_rope, lengths, *, sm_scale, block_k=512,
                       num_splits=None, interpret=False):
-  """See the module docstring. block_k is rounded to a multiple of 8 (TPU sublanes)."""
+  """See the module docstring. block_k is rounded to a multiple of 8 (TPU sublanes). Under a mesh
+  each device decodes its own sequences and heads (`tpu_common.on_each_device`)."""
+  local = functools.partial(_decode_local, sm_scale=float(sm_scale), block_k=block_k,
+                            num_splits=num_splits, interpret=interpret_params(interpret))
+  q, c = ("B", "H", None), ("B", None, None)
+  return on_each_device(local, (q_latent, q_rope, cache_latent, cache_rope, lengths),
+                        (q, q, c, c, ("B",)), q)
+
+
+def _decode_local(q_latent, q_rope, cache_latent, cache_rope, lengths, *, sm_scale, block_k, num_splits,
+                  interpret):
   (b, h, r), dr, length = q_latent.shape, q_rope.shape[-1], cache_latent.shape[1]
   bk = min(round_up(block_k, 8), round_up(length, 8))
   num_blocks = -(-length // bk)
@@ -91,7 +101,7 @@ def mla_decode_mosaic(q_latent, q_rope, cache_latent, cache_rope, lengths, *, sm
                  jax.ShapeDtypeStruct((b, splits, h, 1), jnp.float32),
                  jax.ShapeDtypeStruct((b, splits, h, 1), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret_params(interpret),
+      interpret=interpret,
       name="mla_decode_tpu",
   )(lengths.astype(jnp.int32), q_latent, q_rope, cache_latent, cache_rope)
 

@@ -30,7 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.sparse_attention import (MASK_VALUE, XLA_CHUNK, _dot, _dot_nt, _xla_bwd, _xla_fwd,
                                              sparse_attention_op)
-from pallas_kernels.tpu_common import LANES, interpret_params, round_up
+from pallas_kernels.tpu_common import LANES, interpret_params, on_each_device, round_up
 
 
 def _sparse_kernel(idx_ref, idx_vec_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sem, acc_sc, m_sc, l_sc, *,
@@ -120,12 +120,15 @@ _sparse_mosaic.defvjp(_sparse_mosaic_fwd, _sparse_mosaic_bwd)
 
 def sparse_attention_mosaic(q, k, v, indices, *, sm_scale, block_k=128, interpret=False):
   """See the module docstring. block_k (selected indices per step): K itself (rounded to 8) when
-  K <= 128, else a multiple of 128 (the lane width of the VMEM index vector)."""
+  K <= 128, else a multiple of 128 (the lane width of the VMEM index vector). Under a mesh each
+  device attends its own sequences and heads (`tpu_common.on_each_device`)."""
   kk = indices.shape[-1]
   bk = round_up(kk, 8) if kk <= LANES else round_up(max(block_k, LANES), LANES)
   if kk % bk:
     indices = jnp.pad(indices, ((0, 0), (0, 0), (0, -kk % bk)), constant_values=-1)
-  return _sparse_mosaic(q, k, v, indices, float(sm_scale), bk, interpret_params(interpret))
+  local = lambda q, k, v, i: _sparse_mosaic(q, k, v, i, float(sm_scale), bk, interpret_params(interpret))
+  kv = ("B", None, None)  # keys and values are shared by the heads
+  return on_each_device(local, (q, k, v, indices), (("B", None, "H", None), kv, kv, kv), ("B", None, "H", None))
 
 
 sparse_attention_op.register("mosaic", kind="pallas", platforms=("tpu",))(sparse_attention_mosaic)

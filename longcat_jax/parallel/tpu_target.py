@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib.util
 import math
 import re
 from typing import Mapping
@@ -127,6 +128,8 @@ class Target:
 
   def devices(self) -> list:
     """Compile-only devices of the topology (needs libtpu; nothing is opened)."""
+    if importlib.util.find_spec("libtpu") is None:
+      raise RuntimeError(f"compiling for {self.name} needs the TPU compiler: pip install -e '.[tpu]' (libtpu)")
     kwargs = {"num_slices": self.num_slices} if self.num_slices > 1 else {}
     devs = topologies.get_topology_desc(f"{self.chip.name}:{'x'.join(map(str, self.shape))}", "tpu",
                                         **kwargs).devices

@@ -110,7 +110,10 @@ class Target:
       count = int(m.group(2))
       if count % chip.cores_in_name:
         raise ValueError(f"TPU target {text!r}: {chip.name} counts {chip.cores_in_name} cores per chip")
-      shape = slice_shape(chip, count // chip.cores_in_name)
+      try:
+        shape = slice_shape(chip, count // chip.cores_in_name)
+      except ValueError as e:
+        raise ValueError(f"TPU target {text!r}: {e}") from None
     else:
       shape = tuple(int(d) for d in m.group(3).split("x"))
       if len(shape) != chip.torus_dims:

@@ -327,7 +327,8 @@ def format_plan(plan: Plan) -> str:
            f"{plan.roofline_seconds * 1e3:.2f} ms = max(compute {plan.compute_seconds * 1e3:.2f} ms at "
            f"{c.peak_bf16_flops / 1e12:.0f} TFLOP/s, HBM {plan.memory_seconds * 1e3:.2f} ms at "
            f"{c.hbm_bandwidth / 1e9:,.0f} GB/s)"
-           + (f"; MFU <= {100 * plan.mfu:.1f}%" if not math.isnan(plan.mfu) else ""),
+           + (f"; MFU <= {100 * plan.mfu:.1f}% (100% = compute-bound at the analytic FLOPs: only the "
+              "HBM term can lower this bound)" if not math.isnan(plan.mfu) else ""),
            f"  datasheet: {c.source}"]
   by_kind = collections.defaultdict(lambda: [0, 0, 0])
   for col in plan.collectives:

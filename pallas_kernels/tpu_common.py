@@ -3,7 +3,8 @@
 The registry passes `interpret=True|False` to every Pallas kernel. A TPU kernel runs `True` in
 Pallas's TPU interpret mode (`pltpu.InterpretParams`: TPU memory spaces, DMAs and semaphores
 simulated on the CPU), not the generic interpreter, which knows nothing of DMAs. Tests pass an
-`InterpretParams(detect_races=True)` instead of `True` to run the race detector.
+`InterpretParams(detect_races=True)` instead of `True` to run the race detector
+(tests/test_tpu.py checks every call's detector state).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import jax
 import jax.experimental.pallas.tpu as pltpu
 from jax.sharding import AxisType, PartitionSpec as P
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _tpu_interpreter  # races: no public accessor
 
 LANES, SUBLANES = 128, 8  # a TPU vector register is [8, 128] 32-bit values
 
@@ -27,13 +27,6 @@ def interpret_params(interpret) -> pltpu.InterpretParams | bool:
 
 def round_up(x: int, m: int) -> int:
   return -(-x // m) * m
-
-
-def races_found() -> bool:
-  """Whether the TPU interpreter's race detector has reported a race since its state was reset
-  (`pltpu.reset_tpu_interpret_mode_state()`)."""
-  races = _tpu_interpreter.races
-  return bool(races is not None and races.races_found)
 
 
 # ---------------------------------------------------------------------------------------------

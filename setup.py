@@ -25,7 +25,12 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # The TPU runtime/compiler plugin, pinned to the jax release (as `jax[tpu]==0.10.2` pins
+        # it). On a CPU-only host it only serves ahead-of-time TPU compiles
+        # (longcat_jax/parallel/tpu_target.py, experiments/plan.py --target tpu:...).
+        "tpu": ["libtpu==0.0.42.1; sys_platform == 'linux'"],
         "test": [
+            "libtpu==0.0.42.1; sys_platform == 'linux'",  # tests/test_tpu.py compiles for TPU topologies (no TPU needed)
             "pytest",
             "pytest-xdist",
             "torch==2.13.0",

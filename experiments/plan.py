@@ -10,7 +10,13 @@ program's input shardings), temporaries (activations, gradients, gathered weight
 assignment, `compiled.memory_analysis()`), an analytic estimate beside them, the collectives in
 the step, and whether it fits in `--hbm-gib`.
 
-Caveat: XLA:CPU compiles the CPU variants of the kernels (blocked grouped matmul, chunked XLA
+`--target tpu:TOPOLOGY` (e.g. tpu:v5p-256, tpu:v5p:4x4x8, tpu:v6e-256,slices=2; needs libtpu,
+`pip install -e .[tpu]`) compiles the same step with the TPU compiler for that topology's devices
+instead, TPU kernels chosen (kernels auto:tpu), and adds the TPU report of
+longcat_jax/parallel/tpu_target.py: memory per device against the chip's HBM, cost analysis,
+a roofline estimate of the step time and MFU, the collectives and what the schedule overlaps.
+
+Caveat (CPU target): XLA:CPU compiles the CPU variants of the kernels (blocked grouped matmul, chunked XLA
 attention, the `gather` expert-parallel transport); a GPU program differs in its temporaries.
 """
 
@@ -36,7 +42,9 @@ def parse_args(argv=None):
   p.add_argument("--devices", type=int, default=0, help="device count when an axis is -1")
   p.add_argument("--seq", type=int, default=8192)
   p.add_argument("--batch", type=int, default=256, help="global batch (sequences)")
-  p.add_argument("--hbm-gib", type=float, default=80.0)
+  p.add_argument("--hbm-gib", type=float, default=None, help="default 80; a TPU target's chip HBM")
+  p.add_argument("--target", default="cpu",
+                 help="cpu (XLA:CPU, simulated devices) | tpu:TOPOLOGY (the TPU compiler via libtpu)")
   p.add_argument("--remat", default="full", help="none | full | save_dots | save_moe")
   p.add_argument("--dtype", default="bfloat16", help="activation dtype (weights stay param_dtype)")
   p.add_argument("--param-dtype", default="float32")
@@ -67,6 +75,15 @@ def main(argv=None, figures=None):
   args = parse_args(argv)
   from longcat_jax.parallel import sharding
   sizes = sharding.parse_mesh(args.mesh)
+  target = None
+  if args.target.startswith("tpu:"):
+    from longcat_jax.parallel import tpu_target
+    target = tpu_target.Target.parse(args.target[len("tpu:"):])
+    args.devices = args.devices or target.num_devices
+  elif args.target != "cpu":
+    raise SystemExit(f"--target {args.target!r}: want cpu or tpu:TOPOLOGY")
+  if args.hbm_gib is None:
+    args.hbm_gib = target.chip.hbm_bytes / GiB if target else 80.0
   n_dev = args.devices or math.prod(v for v in sizes.values())
   if n_dev <= 0:
     raise SystemExit("--mesh has a -1 axis: give --devices")
@@ -79,10 +96,11 @@ def main(argv=None, figures=None):
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
                                  " --xla_llvm_disable_expensive_passes=true").strip()
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", n_dev)
+    jax.config.update("jax_num_cpu_devices", 1 if target else n_dev)
   elif args.fast_codegen:
     print("--fast-codegen ignored: the JAX backend is already initialised", file=sys.stderr)
-  if len(jax.devices()) < n_dev:
+  devices = target.devices() if target else jax.devices()[:n_dev]
+  if len(devices) < n_dev:
     raise SystemExit(f"the mesh needs {n_dev} devices; JAX has {len(jax.devices())}")
   import jax.numpy as jnp
   import longcat_jax
@@ -103,10 +121,12 @@ def main(argv=None, figures=None):
     m.num_layers = args.layers
   if args.mtp_heads >= 0:
     m.mtp_num_heads = args.mtp_heads
+  if target and m.kernels == "auto":
+    m.kernels = "auto:tpu"  # the TPU kernels, traced on this CPU host
   common.set_fields(m, args.set)
   config.loss.balance_groups = sizes["expert"] if m.num_ffn_experts % sizes["expert"] == 0 else 1
   config.mesh = ",".join(f"{k}={v}" for k, v in sizes.items())
-  mesh = trainer.make_mesh(config, devices=jax.devices()[:n_dev])
+  mesh = tpu_target.make_mesh(target, sizes, devices) if target else trainer.make_mesh(config, devices=devices)
   table = fsdp_over(sharding.LOGICAL_AXIS_RULES, "context") if args.fsdp_context else sharding.LOGICAL_AXIS_RULES
   rules = trainer.make_rules(config, mesh, table)
   edits = [f"{l} -> {a}" for (l, a), (_, b) in zip(rules, sharding.LOGICAL_AXIS_RULES) if a != b]
@@ -200,6 +220,13 @@ def main(argv=None, figures=None):
     top = sorted(cats.items(), key=lambda kv: -kv[1][1])[:3]
     print(f"  {kind:<20}{n:>4} ops {fmt(b):>11}   " +
           ", ".join(f"{cat} {c[0]} ({fmt(c[1])})" for cat, c in top))
+  if target:
+    from longcat_jax.train import metrics
+    flops = metrics.training_flops_per_token(m, args.seq) * args.batch * args.seq / n_dev
+    tpu_plan = tpu_target.analyze(compiled, target, model_flops=flops)
+    print(tpu_target.format_plan(tpu_plan))
+    if figures is not None:
+      figures["tpu_plan"] = tpu_plan
   return 0 if fits else 1
 
 

@@ -5,7 +5,11 @@
     out = longcat_jax.generate(model, variables, prompts, max_new_tokens=32, temperature=0.0)
 """
 
-from longcat_jax import config
+from longcat_jax import platforms
+
+platforms.keep_cpu_without_tpu()  # libtpu installed, no TPU attached: JAX opens the CPU only
+
+from longcat_jax import config  # noqa: E402
 from longcat_jax import parallel
 from longcat_jax.config import get_config
 from longcat_jax.interop import CheckpointError, load_pretrained, save_pretrained

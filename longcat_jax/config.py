@@ -21,6 +21,7 @@ from longcat_jax import presets_v2
 ConfigDict = ml_collections.ConfigDict
 
 KERNEL_CHOICES = ("auto", "pallas", "interpret", "xla")
+KERNEL_TARGETS = ("cpu", "gpu", "tpu")  # kernels="MODE:TARGET", e.g. "auto:tpu" (AOT for a TPU)
 REMAT_CHOICES = ("none", "full", "save_dots", "save_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -70,7 +71,8 @@ def base_config() -> ConfigDict:
   # Numerics and execution.
   c.dtype = "float32"               # activation / compute dtype.
   c.param_dtype = "float32"         # master weights.
-  c.kernels = "auto"                # auto | pallas | interpret | xla (pallas_kernels registry).
+  c.kernels = "auto"                # auto | pallas | interpret | xla (pallas_kernels registry);
+                                    # "MODE:tpu" etc. for another target ("interpret:tpu").
   c.remat = "none"                  # none | full | save_dots | save_moe.
   c.attention_block_q = 512         # flash-attention block sizes (Pallas / chunked paths).
   c.attention_block_k = 512
@@ -170,7 +172,10 @@ def validate(c: ConfigDict) -> None:
   need(c.rms_norm_eps > 0 and c.latent_norm_eps > 0, "rms_norm_eps and latent_norm_eps must be > 0")
   need(c.dtype in DTYPES, f"dtype={c.dtype!r} must be one of {DTYPES}")
   need(c.param_dtype in DTYPES, f"param_dtype={c.param_dtype!r} must be one of {DTYPES}")
-  need(c.kernels in KERNEL_CHOICES, f"kernels={c.kernels!r} must be one of {KERNEL_CHOICES}")
+  mode, _, target = str(c.kernels).partition(":")
+  need(mode in KERNEL_CHOICES and (not target or (target in KERNEL_TARGETS and mode != "xla")),
+       f"kernels={c.kernels!r} must be one of {KERNEL_CHOICES}, or MODE:TARGET with TARGET in "
+       f"{KERNEL_TARGETS} (e.g. 'interpret:tpu')")
   need(c.remat in REMAT_CHOICES, f"remat={c.remat!r} must be one of {REMAT_CHOICES}")
   need(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
   need(c.mtp_num_heads >= 0, f"mtp_num_heads={c.mtp_num_heads} must be >= 0")

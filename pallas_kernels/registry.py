@@ -12,6 +12,13 @@ An op holds implementations in preference order: vendor-library calls (e.g. cuDN
   "pallas"       only Pallas kernels registered for this platform, compiled (Triton / Mosaic).
   "interpret"    the Pallas kernels in interpret mode, whatever their platform (tests on CPU).
   "xla"          only the pure-jnp paths.
+  "MODE:PLATFORM" (e.g. "auto:tpu", "pallas:tpu", "interpret:tpu") the same modes for a target
+                 platform other than the one JAX runs on: compiling a TPU program ahead of time on a
+                 CPU host (the planner), or testing it there. "interpret:P" is what auto picks on P
+                 with its Pallas kernels interpreted (library calls skipped, XLA paths after them);
+                 plain "interpret" keeps every Pallas kernel whatever its platform, in
+                 registration order. While an implementation runs, `current_platform()` names the
+                 target, so XLA paths that differ by platform follow it.
 
     op = Op("topk_route")
     op.register("triton", kind="pallas", platforms=("gpu",))(topk_route_pallas)  # fn(..., interpret=bool)
@@ -20,6 +27,7 @@ An op holds implementations in preference order: vendor-library calls (e.g. cuDN
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Callable, Sequence
 
@@ -27,12 +35,35 @@ import jax
 
 IMPLEMENTATIONS = (None, "auto", "pallas", "interpret", "xla")
 KINDS = ("library", "pallas", "xla")  # preference order under auto
+PLATFORMS = ("cpu", "gpu", "tpu")  # targets a "MODE:PLATFORM" implementation may name
+
+# The platform an op is being dispatched for, while one of its implementations is traced (set
+# only inside `Op.__call__`, for a "MODE:PLATFORM" implementation).
+_target = contextvars.ContextVar("pallas_kernels_target_platform", default=None)
 
 
 def current_platform() -> str:
-  """The platform ('cpu', 'gpu', 'tpu', or a plugin's name) computations run on by default."""
+  """The platform ('cpu', 'gpu', 'tpu', or a plugin's name) the computation being traced targets:
+  the one named by a "MODE:PLATFORM" implementation while it is dispatched, else JAX's default."""
+  if (t := _target.get()) is not None:
+    return t
   p = jax.default_backend()
   return "gpu" if p in ("cuda", "rocm") else p
+
+
+def parse_implementation(implementation: str | None) -> tuple[str | None, str | None]:
+  """"pallas:tpu" -> ("pallas", "tpu"); "auto" -> ("auto", None). ValueError names the bad part."""
+  if implementation is None or ":" not in implementation:
+    mode, platform = implementation, None
+  else:
+    mode, platform = implementation.split(":", 1)
+    if platform not in PLATFORMS or mode in ("xla", "", None):
+      raise ValueError(f"implementation={implementation!r}: want MODE:PLATFORM with MODE one of "
+                       f"'auto', 'pallas', 'interpret' and PLATFORM one of {PLATFORMS}")
+  if mode not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} must be one of None, 'auto', 'pallas', "
+                     "'interpret', 'xla' (optionally MODE:PLATFORM, e.g. 'auto:tpu')")
+  return mode, platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +111,19 @@ class Op:
 
   def candidates(self, implementation: str | None,
                  platform: str | None = None) -> list[tuple[Implementation, bool]]:
-    """(impl, interpret) pairs to try, in order."""
-    if implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"{self.name}: implementation={implementation!r} must be one of "
-                       "None, 'auto', 'pallas', 'interpret', 'xla'")
-    platform = platform or current_platform()
+    """(impl, interpret) pairs to try, in order. `platform`: the target when the implementation
+    names none (default: `current_platform()`)."""
+    try:
+      mode, target = parse_implementation(implementation)
+    except ValueError as e:
+      raise ValueError(f"{self.name}: {e}") from None
+    platform = target or platform or current_platform()
+    implementation = mode
     if implementation == "xla":
       return [(i, False) for i in self.impls if i.kind == "xla"]
+    if implementation == "interpret" and target is not None:  # auto's choice on target, interpreted
+      return [(i, i.kind == "pallas") for i in self.impls
+              if i.runs_on(platform) and (i.kind == "xla" or (i.kind == "pallas" and i.auto))]
     if implementation == "interpret":
       return [(i, True) for i in self.impls if i.kind == "pallas"]
     if implementation == "pallas":
@@ -97,13 +134,18 @@ class Op:
 
   def __call__(self, *args, implementation: str | None = None, **kwargs):
     tried = []
+    target = parse_implementation(implementation)[1]
     for impl, interpret in self.candidates(implementation):
+      token = _target.set(target) if target else None
       try:
         if impl.kind == "pallas":
           return impl.fn(*args, interpret=interpret, **kwargs)
         return impl.fn(*args, **kwargs)
       except NotImplementedError as e:
         tried.append(f"{impl.name}: {e}")
+      finally:
+        if token is not None:
+          _target.reset(token)
     raise NotImplementedError(
         f"{self.name}: no implementation accepted implementation={implementation!r} on platform "
-        f"{current_platform()!r}; tried: {tried or 'none registered for this mode and platform'}")
+        f"{target or current_platform()!r}; tried: {tried or 'none registered for this mode and platform'}")

@@ -121,8 +121,8 @@ def test_registered_ops():
   order = lambda op: [i.name for i in op.impls]
   assert order(topk_route_op) == ["triton", "xla"]
   assert order(grouped_matmul_op) == ["triton", "megablox", "xla"]
-  assert order(mla_attention_op) == ["cudnn", "triton", "xla_chunked", "xla"]
-  assert order(pk.mla_decode.mla_decode_op) == ["triton", "xla"]
+  assert order(mla_attention_op) == ["cudnn", "triton", "splash", "xla_chunked", "xla"]
+  assert order(pk.mla_decode.mla_decode_op) == ["triton", "mosaic", "xla"]
   assert all(i.platforms == ("gpu",) for op in (topk_route_op, mla_attention_op) for i in op.impls
              if i.name == "triton")
   assert grouped_matmul_op.get("megablox").platforms == ("tpu",)

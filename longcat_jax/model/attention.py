@@ -157,11 +157,12 @@ class MLA(nn.Module):
     q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk)
     # One kernel call per new token (T is 1, or 1 + draft tokens when verifying a speculation);
     # token t sees the cache up to and including itself.
-    out_lat = jnp.stack([
-        pallas_kernels.mla_decode_attention(q_lat[:, t], q_rope[:, t], cache_lat, cache_rope, lengths + t + 1,
-                                            sm_scale=softmax_scale(c), implementation=kernel_impl(c),
-                                            block_k=c.attention_block_k)
-        for t in range(x.shape[1])], axis=1)
+    with self.placement.kernels():
+      out_lat = jnp.stack([
+          pallas_kernels.mla_decode_attention(q_lat[:, t], q_rope[:, t], cache_lat, cache_rope, lengths + t + 1,
+                                              sm_scale=softmax_scale(c), implementation=kernel_impl(c),
+                                              block_k=c.attention_block_k)
+          for t in range(x.shape[1])], axis=1)
     attn = jnp.einsum("bthr,rhd->bthd", out_lat, w_uv)
     return self.out_proj(self.placement.constrain(attn, ("batch", "length", "act_heads", None)))
 
@@ -172,9 +173,10 @@ class MLA(nn.Module):
       return self._attend_context_parallel(q_nope, q_rope, lat, k_rope, segment_ids)
     k, v = self.expand(lat, k_rope)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
-    out = pallas_kernels.mla_attention(q, k, v, segment_ids=segment_ids, causal=True,
-                                       sm_scale=softmax_scale(c), implementation=kernel_impl(c),
-                                       block_q=c.attention_block_q, block_k=c.attention_block_k)
+    with self.placement.kernels():
+      out = pallas_kernels.mla_attention(q, k, v, segment_ids=segment_ids, causal=True,
+                                         sm_scale=softmax_scale(c), implementation=kernel_impl(c),
+                                         block_q=c.attention_block_q, block_k=c.attention_block_k)
     out = self.placement.constrain(out, ("batch", "length", "act_heads", None))
     return self.out_proj(out)
 

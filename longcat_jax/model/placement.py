@@ -14,6 +14,7 @@ while tracing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Sequence
 
@@ -39,6 +40,12 @@ class Placement:
     del names
     return x
 
+  def kernels(self):
+    """Context for a kernel call whose implementation partitions itself over the mesh (TPU Mosaic
+    kernels wrap themselves in a shard_map over the abstract mesh they see): the placement's
+    mesh, set by the placement, never by the caller."""
+    return contextlib.nullcontext()
+
   def length_shards(self, seq_len: int, batch: int) -> int:
     """Into how many chunks a [batch, seq_len] token array's sequence is split (context parallelism)."""
     del seq_len, batch
@@ -54,9 +61,10 @@ class Placement:
               batch_shape=None):
     """Routed-expert output x [T, H] -> [T, H] (incl. the zero-expert term); see `experts.py`."""
     del batch_shape
-    return dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down,
-                            num_ffn_experts=config.num_ffn_experts, implementation=kernel_impl(config),
-                            block_m=config.moe_block_size)
+    with self.kernels():
+      return dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down,
+                              num_ffn_experts=config.num_ffn_experts, implementation=kernel_impl(config),
+                              block_m=config.moe_block_size)
 
   def gather_sequence(self, x):
     """[B, S, ...] split along S -> whole along S (the compressed KV before attention)."""
@@ -68,7 +76,8 @@ class Placement:
 
   def sparse_attention(self, q, k, v, indices, *, sm_scale: float, implementation=None):
     """q [B, S, H, Dk] over the selected keys indices [B, S, K] of k [B, T, Dk], v [B, T, Dv]."""
-    return sparse_attention(q, k, v, indices, sm_scale=sm_scale, implementation=implementation)
+    with self.kernels():
+      return sparse_attention(q, k, v, indices, sm_scale=sm_scale, implementation=implementation)
 
   def lookup(self, table, ids, dtype, names: tuple[str, str] = ("vocab", "embed")):
     """Embedding lookup: table [rows, d] (logical axes `names`), ids [B, ...] -> table[ids] [B, ..., d]."""

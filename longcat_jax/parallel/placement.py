@@ -66,6 +66,9 @@ class MeshPlacement(Placement):
   def sharding(self, names, shape) -> NamedSharding:
     return NamedSharding(self.mesh, self.spec(names, shape))
 
+  def kernels(self):
+    return jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
+
   def constrain(self, x, names):
     if self.mesh.size == 1:
       return x

@@ -329,6 +329,8 @@ def hf_architecture(c: ConfigDict) -> str:
   fmt = c.get("hf_format")
   if fmt is not None and fmt.get("architecture"):
     return fmt["architecture"]
+  if c.sparse_attention is not None or c.get("mtp_shared_module"):
+    return LONGCAT2_ARCHITECTURE  # LongCat-2.0's features: its released layout
   return "LongcatFlashNgramForCausalLM" if c.ngram_embedding is not None else "LongcatFlashForCausalLM"
 
 
@@ -378,7 +380,7 @@ def to_hf_config(c: ConfigDict) -> dict:
   if arch == LONGCAT2_ARCHITECTURE:
     _to_hf_longcat2(c, hf)
   if fmt.get("architecture") and fmt.get("model_type") is None:
-    hf.pop("model_type")  # as released (Thinking-2601, 2.0)
+    hf.pop("model_type", None)  # as released (Thinking-2601, 2.0)
   if fmt.get("router_dtype") is not None:
     hf["rounter_params_dtype"] = fmt["router_dtype"]
   return hf

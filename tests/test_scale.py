@@ -164,6 +164,34 @@ def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, t
   assert "resumed from" in logs[0], logs[0][-2000:]
   np.testing.assert_array_equal(losses_of(run), want)  # bitwise, no step missing
 
+  # SIGTERM to both (what SLURM sends a job before a kill): they agree on a step, save it, exit 0;
+  # the rerun's losses are bitwise those of the uninterrupted run.
+  run = tmp_path / "preempted"
+  procs = _two_processes(run, shared, total)
+  while len(read_metrics(str(run))) < kill_after:
+    assert all(p.poll() is None for p in procs), "a process ended before the signal"
+    assert time.time() < deadline + 600, "timed out waiting for the signal step"
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  logs = _wait(procs)
+  assert "preempted (SIGTERM)" in logs[0] and "all 2 processes agreed on the step" in logs[0], logs[0][-2000:]
+  _wait(_two_processes(run, shared, total))
+  np.testing.assert_array_equal(losses_of(run), want)
+
+  # One process SIGKILLed: the other stops with one message naming the lost process, not a hang.
+  run = tmp_path / "dead_peer"
+  procs = _two_processes(run, shared, total)
+  while len(read_metrics(str(run))) < 3:
+    assert all(p.poll() is None for p in procs), "a process ended before the kill"
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGKILL)
+  t0 = time.time()
+  out = procs[0].communicate(timeout=180)[0]
+  assert procs[0].returncode != 0 and time.time() - t0 < 120, out[-2000:]
+  assert "lost process 1" in out or "process 1" in out, out[-2000:]
+  assert out.count("Traceback") == 0, out[-2000:]
+
   # Its next-to-last checkpoint restored in one process, on 8 devices and on 1 device: the next loss.
   step = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())[-2]
   for name, devices in (("eight", jax.devices()), ("one", jax.devices()[:1])):

@@ -18,7 +18,7 @@ import re
 import math
 from typing import Callable
 
-from longcat_jax.config import ConfigDict
+from longcat_jax.config import ConfigDict, hf_architecture
 from longcat_jax.model import ngram
 
 ID1 = ((0,),)                 # [n] <-> [n]
@@ -219,10 +219,7 @@ LAYOUTS = {
 
 def architecture(c: ConfigDict) -> str:
   """The layout a config is saved in: where it was loaded from, else by its features."""
-  fmt = c.get("hf_format")
-  if fmt is not None and fmt.get("architecture"):
-    return fmt["architecture"]
-  return "LongcatFlashNgramForCausalLM" if c.ngram_embedding is not None else "LongcatFlashForCausalLM"
+  return hf_architecture(c)
 
 
 def leaves(c: ConfigDict) -> list[Leaf]:

@@ -193,6 +193,7 @@ def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, t
   assert out.count("Traceback") == 0, out[-2000:]
 
   # Its next-to-last checkpoint restored in one process, on 8 devices and on 1 device: the next loss.
+  run = tmp_path / "killed"
   step = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())[-2]
   for name, devices in (("eight", jax.devices()), ("one", jax.devices()[:1])):
     work = tmp_path / f"restore_{name}"

@@ -289,7 +289,8 @@ def test_spike_guard_and_sdc_check_in_the_training_loop(tmp_path, monkeypatch):
   cfg.data.cache_dir = str(tmp_path / "corpus")
   cfg.sdc_every = 5
   cfg.spike.update(loss_sigmas=3.0, grad_norm_sigmas=3.0, warmup_steps=4, max_in_a_row=2)
-  monkeypatch.setattr(trainer, "make_mesh", lambda: Mesh(np.array(jax.devices()[:1]), ("data",)))  # 1 compile, small
+  one_device = trainer.make_mesh
+  monkeypatch.setattr(trainer, "make_mesh", lambda config, devices=None: one_device(config, jax.devices()[:1]))
   real_iterator = data_lib.make_train_iterator
   monkeypatch.setattr(data_lib, "make_train_iterator",
                       lambda *a, **k: _SpikyIterator(real_iterator(*a, **k), {8, 9}, cfg.model.vocab_size - 1))

@@ -201,9 +201,6 @@ def run(config, workdir: str, *, progress: bool = True, log=_log, mesh: Mesh | N
   shard, shards = program.data_shard()
   it = make_train_iterator(store_path, config.seq_len, config.batch_size, config.seed, shard, shards,
                            num_threads=config.data.num_threads, prefetch=config.data.prefetch)
-  mesh_text = ",".join(f"{k}={v}" for k, v in program.mesh.shape.items() if v > 1) or "1 device"
-  log(f"mesh {mesh_text} ({program.mesh.size} devices, {jax.process_count()} process"
-      f"{'es' if jax.process_count() > 1 else ''}); this process reads batch shard {shard} of {shards}")
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every,
                       keep=config.keep_checkpoints, async_save=config.async_checkpoint,
@@ -223,6 +220,9 @@ def run(config, workdir: str, *, progress: bool = True, log=_log, mesh: Mesh | N
       ckpt.close()  # else orbax's threads print a second traceback at interpreter exit
       raise
   start = int(state.step)
+  mesh_text = ",".join(f"{k}={v}" for k, v in program.mesh.shape.items() if v > 1) or "1 device"
+  log(f"mesh {mesh_text} ({program.mesh.size} devices, {jax.process_count()} process"
+      f"{'es' if jax.process_count() > 1 else ''}); this process reads batch shard {shard} of {shards}")
 
   tokenizer = load_tokenizer(store.meta.get("tokenizer", "byte"))
   summary = {"workdir": workdir, "start_step": start, "total_steps": config.total_steps, "state": state,

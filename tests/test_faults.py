@@ -292,7 +292,7 @@ def test_spike_guard_and_sdc_check_in_the_training_loop(tmp_path, monkeypatch):
   one_device = trainer.make_mesh
   monkeypatch.setattr(trainer, "make_mesh", lambda config, devices=None: one_device(config, jax.devices()[:1]))
   real_iterator = data_lib.make_train_iterator
-  monkeypatch.setattr(data_lib, "make_train_iterator",
+  monkeypatch.setattr(trainer, "make_train_iterator",
                       lambda *a, **k: _SpikyIterator(real_iterator(*a, **k), {8, 9}, cfg.model.vocab_size - 1))
   # Silent data corruption in the SDC check's rerun of step 5: one weight bit flipped in memory,
   # so that run computes different gradients from the same inputs.

@@ -114,22 +114,27 @@ def dense_mlp() -> list[Leaf]:
 MTP_EMBED_KEY = "model.mtp.embed_tokens.weight"
 
 
+def _mtp_layer(pre: str, path: tuple[str, ...]) -> list[Leaf]:
+  """One MTP layer `{pre}*` <-> params[path]: eh_proj, enorm / hnorm, its MLA and dense MLP."""
+  out = [_leaf(path + ("eh_proj",), pre + "eh_proj.weight", T),
+         _leaf(path + ("enorm", "scale"), pre + "enorm.m.weight", ID1),
+         _leaf(path + ("hnorm", "scale"), pre + "hnorm.m.weight", ID1),
+         _leaf(path + ("input_norm", "scale"), pre + "input_layernorm.weight", ID1),
+         _leaf(path + ("post_attn_norm", "scale"), pre + "post_attention_layernorm.weight", ID1)]
+  out += [dataclasses.replace(l, path=path + ("attn",) + l.path, hf_key=pre + "self_attn." + l.hf_key)
+          for l in mla()]
+  out += [dataclasses.replace(l, path=path + ("mlp",) + l.path, hf_key=pre + "transformer_layer.mlp." + l.hf_key)
+          for l in dense_mlp()]
+  return out
+
+
 def mtp_per_head(c: ConfigDict) -> list[Leaf]:
   """`model.mtp.layers.{k}.*` <-> params['mtp'][layer_k] (LongCat-Flash; spec section 7). The
   heads share `model.mtp.norm.weight`; `model.mtp.embed_tokens.weight` is a copy of the main
   embedding (written, not read)."""
   out = [_leaf(("mtp", "final_norm", "scale"), "model.mtp.norm.weight", ID1)]
   for k in range(c.mtp_num_heads):
-    pre, path = f"model.mtp.layers.{k}.", ("mtp", f"layer_{k}")
-    out += [_leaf(path + ("eh_proj",), pre + "eh_proj.weight", T),
-            _leaf(path + ("enorm", "scale"), pre + "enorm.m.weight", ID1),
-            _leaf(path + ("hnorm", "scale"), pre + "hnorm.m.weight", ID1),
-            _leaf(path + ("input_norm", "scale"), pre + "input_layernorm.weight", ID1),
-            _leaf(path + ("post_attn_norm", "scale"), pre + "post_attention_layernorm.weight", ID1)]
-    out += [dataclasses.replace(l, path=path + ("attn",) + l.path, hf_key=pre + "self_attn." + l.hf_key)
-            for l in mla()]
-    out += [dataclasses.replace(l, path=path + ("mlp",) + l.path, hf_key=pre + "transformer_layer.mlp." + l.hf_key)
-            for l in dense_mlp()]
+    out += _mtp_layer(f"model.mtp.layers.{k}.", ("mtp", f"layer_{k}"))
   return out
 
 
@@ -142,16 +147,7 @@ def mtp_shared(c: ConfigDict) -> list[Leaf]:
     return mtp_per_head(c)
   pre, path = "model.mtp.layers.0.", ("mtp", "layer")
   out = [_leaf(("mtp", "final_norm", "scale"), "model.mtp.norm.weight", ID1),
-         _leaf(("mtp", "embed_tokens"), MTP_EMBED_KEY, ID2),
-         _leaf(path + ("eh_proj",), pre + "eh_proj.weight", T),
-         _leaf(path + ("enorm", "scale"), pre + "enorm.m.weight", ID1),
-         _leaf(path + ("hnorm", "scale"), pre + "hnorm.m.weight", ID1),
-         _leaf(path + ("input_norm", "scale"), pre + "input_layernorm.weight", ID1),
-         _leaf(path + ("post_attn_norm", "scale"), pre + "post_attention_layernorm.weight", ID1)]
-  out += [dataclasses.replace(l, path=path + ("attn",) + l.path, hf_key=pre + "self_attn." + l.hf_key)
-          for l in mla()]
-  out += [dataclasses.replace(l, path=path + ("mlp",) + l.path, hf_key=pre + "transformer_layer.mlp." + l.hf_key)
-          for l in dense_mlp()]
+         _leaf(("mtp", "embed_tokens"), MTP_EMBED_KEY, ID2)] + _mtp_layer(pre, path)
   if c.sparse_attention is not None:
     out += [dataclasses.replace(l, path=path + ("indexer",) + l.path[3:], per_layer=False,
                                 hf_key=pre + "self_attn.indexer." + l.hf_key.split("self_attn.0.indexer.", 1)[1])

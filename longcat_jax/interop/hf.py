@@ -287,6 +287,11 @@ def _update_fn(sharding):
   return jax.jit(dus, donate_argnums=0, out_shardings=sharding)
 
 
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+  return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+
+
 def _load_leaf(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, limit: int, window: int):
   """One leaf as a jax.Array with `sharding`, built from this process's addressable shards only.
 
@@ -319,9 +324,9 @@ def _load_leaf(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, limit:
       for d in boxes[box]:
         arrays[d] = jax.device_put(host, d)
     return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in index_map])
-  # The starting buffers: zeros per device (untouched pages until written; no compiled program).
-  buf = jax.make_array_from_single_device_arrays(
-      shape, sharding, [jax.device_put(np.zeros(shard_shape, dtype), d) for d in index_map])
+  # The starting buffers: zeros made by XLA, so that the first update already runs in place (a
+  # buffer device_put from host memory is not donatable: the first update would copy every shard).
+  buf = _zeros_fn(shape, np.dtype(dtype), sharding)()
   update = _update_fn(sharding)
   chunk_shape = tuple(b - a for a, b in rel_chunks[0])
   global_chunk = tuple(c * (n // s) for c, n, s in zip(chunk_shape, shape, shard_shape))

@@ -9,14 +9,21 @@ AdamW, clipping, expert-bias controller) beside transformers' forward + backward
 `torch.optim.AdamW` step (same hyper-parameters, gradient clipping) on the same weights and batch
 (ours are written with `save_pretrained` and loaded by transformers, so routing is identical).
 Forward + backward alone is timed on both sides too, and our step jitted the way the trainer did
-before `build` (no buffer donation) as an A/B row. Timings interleave all rows repeat by repeat
-and report medians, the spread and each repeat's full-step ratio; MFU is model FLOPs
+before `build` (no buffer donation) as an A/B row; each side trains its own copy, so every row
+runs on weights and routing of the same age (forward + backward on the current trained weights, on
+both sides). Timings interleave all rows repeat by repeat, the order rotating each repeat (no row
+always runs right after the same other one), with `--gap` idle seconds before each call (both
+libraries' thread pools spin for a while after work), and report medians, the spread and each
+repeat's full-step ratio; MFU is model FLOPs
 (`train.metrics`, the same count for both) over the best of several float32 matmul probes of
 either library. The ratio is not printed when the 1-minute load average at the start exceeds half
 the cores (a loaded machine measures contention), unless `--force`.
 
-Each row also gives the process CPU time per call (user + sys, median) and the load average is
-printed: on a shared machine wall times are inflated by other work, CPU times much less.
+Each row also gives the process CPU time per call (user + sys, median) and its minor page faults
+(fresh memory touched: both libraries allocate their scratch anew each call), and the load average
+is printed: on a shared machine wall times are inflated by other work, CPU times much less. On
+Linux, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (set before Python starts) backs large allocations
+with transparent huge pages, for both sides (~1/500 of the faults).
 `--remat` (default: the preset's, `none` for `small`) is our side's execution setting; it does not
 change the model or its numbers (save_dots halves our scratch memory at about equal time).
 """
@@ -43,6 +50,8 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: all cores, each side's default)")
   p.add_argument("--remat", default=None, help="our side's config.remat: none | full | save_dots | save_moe")
   p.add_argument("--force", action="store_true", help="print ratios even on a loaded machine")
+  p.add_argument("--gap", type=float, default=1.0,
+                 help="idle seconds before each timed call, so that one side's thread pools have gone to sleep")
   args = p.parse_args(argv)
   load_start = os.getloadavg()
   if args.threads == 1:  # before JAX starts its CPU client
@@ -81,8 +90,8 @@ def main(argv=None):
   batch = jax.tree.map(jnp.asarray, batch)
 
   # Ours: forward + backward of the loss (as the reference does), and the full training step.
-  def loss(params):
-    hidden = model.apply({"params": params, "expert_bias": bias0}, batch["input_ids"], batch["positions"],
+  def loss(params, bias):
+    hidden = model.apply({"params": params, "expert_bias": bias}, batch["input_ids"], batch["positions"],
                          batch["segment_ids"], return_hidden=True)
     nll, n = losses.next_token_nll(hidden, params["lm_head"], batch["targets"], batch["loss_mask"])
     return nll / n
@@ -90,13 +99,13 @@ def main(argv=None):
   fwd_bwd = jax.jit(jax.value_and_grad(loss))
   step_prev = jax.jit(train.make_train_step(model, cfg))   # how the trainer jitted it before build()
   t = time.perf_counter()
-  jax.block_until_ready(fwd_bwd(params0))
+  jax.block_until_ready(fwd_bwd(params0, bias0))
   compile_fb = time.perf_counter() - t
   t = time.perf_counter()
   state, m = program.step(state, batch)   # donates the state it is given
   jax.block_until_ready(m)
   compile_step = time.perf_counter() - t
-  jax.block_until_ready(step_prev(state_prev, batch))
+  state_prev = step_prev(state_prev, batch)[0]            # one step, as the state above
   ffn_per_token = float(np.mean(m["ffn_experts_mean"]))
 
   # Reference: the same weights through save_pretrained -> from_pretrained.
@@ -119,12 +128,13 @@ def main(argv=None):
     opt.step()
     return loss
 
-  ours_loss = float(fwd_bwd(params0)[0])
+  ours_loss = float(fwd_bwd(params0, bias0)[0])
   ref_loss = ref_fwd_bwd()                                   # warm-up (before any update)
   ref_step()
 
   timings = {"ref_step": [], "ref_fwd_bwd": [], "ours_step": [], "ours_step_prev": [], "ours_fwd_bwd": []}
   cpu = {key: [] for key in timings}
+  faults = {key: [] for key in timings}
   carry = {"state": state, "prev": state_prev}
 
   def ours_step():
@@ -132,21 +142,25 @@ def main(argv=None):
     jax.block_until_ready(m)
 
   def ours_step_prev():
-    out = step_prev(carry["prev"], batch)
-    jax.block_until_ready(out)
+    carry["prev"], m = step_prev(carry["prev"], batch)
+    jax.block_until_ready(m)
+
+  def ours_fwd_bwd():  # on the trained weights, as the reference's fwd+bwd runs on its trained model
+    jax.block_until_ready(fwd_bwd(carry["state"].params, carry["state"].expert_bias))
 
   def timed(key, fn):
-    c, t = _cpu_seconds(), time.perf_counter()
+    time.sleep(args.gap)
+    c, f, t = _cpu_seconds(), _page_faults(), time.perf_counter()
     fn()
     timings[key].append(time.perf_counter() - t)
     cpu[key].append(_cpu_seconds() - c)
+    faults[key].append(_page_faults() - f)
 
-  for _ in range(args.repeats):
-    timed("ref_step", ref_step)
-    timed("ours_step", ours_step)
-    timed("ref_fwd_bwd", ref_fwd_bwd)
-    timed("ours_fwd_bwd", lambda: jax.block_until_ready(fwd_bwd(params0)))
-    timed("ours_step_prev", ours_step_prev)
+  calls = [("ref_step", ref_step), ("ours_step", ours_step), ("ref_fwd_bwd", ref_fwd_bwd),
+           ("ours_fwd_bwd", ours_fwd_bwd), ("ours_step_prev", ours_step_prev)]
+  for r in range(args.repeats):  # the order rotates each repeat: no row always follows the same one
+    for key, fn in calls[r % len(calls):] + calls[:r % len(calls)]:
+      timed(key, fn)
 
   peak_jax = metrics.device_peak_flops("float32")
   a = torch.ones(1024, 1024)
@@ -167,13 +181,13 @@ def main(argv=None):
           ("  same, previous jit", "ours_step_prev", "ref_step"),
           ("transformers fwd+bwd", "ref_fwd_bwd", "ref_fwd_bwd"), ("longcat_jax fwd+bwd", "ours_fwd_bwd", "ref_fwd_bwd")]
   loaded = load_start[0] > 0.5 * os.cpu_count() and not args.force
-  print(f"{'':28s} {'median s':>9s} {'min-max s':>13s} {'tokens/s':>9s} {'MFU':>6s} {'vs ref':>7s} {'CPU s':>7s}")
+  print(f"{'':28s} {'median s':>9s} {'min-max s':>13s} {'tokens/s':>9s} {'MFU':>6s} {'vs ref':>7s} {'CPU s':>7s} {'faults':>8s}")
   for name, key, ref_key in rows:
     med = float(np.median(timings[key]))
     tps = tokens / med
     ratio = "   n/a" if loaded else f"{np.median(timings[ref_key]) / med:6.2f}x"
     print(f"{name:28s} {med:9.3f} {min(timings[key]):6.2f}-{max(timings[key]):<6.2f} {tps:9.0f} "
-          f"{tps * flops / peak:6.1%} {ratio} {np.median(cpu[key]):7.2f}")
+          f"{tps * flops / peak:6.1%} {ratio} {np.median(cpu[key]):7.2f} {np.median(faults[key]):8.0f}")
   if not loaded:
     per = [r / o for r, o in zip(timings["ref_step"], timings["ours_step"])]
     print("full step ratio per repeat: " + ", ".join(f"{x:.2f}x" for x in per) + f" (min {min(per):.2f}x)")
@@ -190,6 +204,11 @@ def _cpu_seconds() -> float:
   """User + system CPU time of this process, all threads."""
   r = resource.getrusage(resource.RUSAGE_SELF)
   return r.ru_utime + r.ru_stime
+
+
+def _page_faults() -> int:
+  """Minor page faults of this process so far (fresh memory touched for the first time)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _time(fn):

@@ -72,13 +72,15 @@ def _cluster_detected() -> bool:
 
 
 def initialize_from(*, coordinator_address: str | None = None, num_processes: int | None = None,
-                    process_id: int | None = None, num_cpu_devices: int | None = None) -> bool:
+                    process_id: int | None = None, num_cpu_devices: int | None = None,
+                    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> bool:
   """The command-line entry: joins a process group when one is asked for and returns whether it did.
 
   Explicit arguments win, then the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
   `JAX_PROCESS_ID`), then JAX's own cluster detection (SLURM, Open MPI, Cloud TPU pods). With
   none of them the run is single-process. On CPU the collectives go over gloo (simulated hosts);
-  `num_cpu_devices` simulates that many CPU devices per process.
+  `num_cpu_devices` simulates that many CPU devices per process; after `heartbeat_timeout_s`
+  without a heartbeat a process counts as lost (the others stop with an error naming it).
   """
   given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
   for k, var in _ENV.items():
@@ -90,7 +92,8 @@ def initialize_from(*, coordinator_address: str | None = None, num_processes: in
     return False
   if given["num_processes"] == 1:
     return False
-  initialize(given["coordinator_address"], given["num_processes"], given["process_id"], cpu_collectives="gloo")
+  initialize(given["coordinator_address"], given["num_processes"], given["process_id"], cpu_collectives="gloo",
+             heartbeat_timeout_seconds=int(heartbeat_timeout_s))
   return True
 
 

@@ -8,11 +8,15 @@ Like for like: our full training step (the trainer's own `build(config).step`: f
 AdamW, clipping, expert-bias controller) beside transformers' forward + backward +
 `torch.optim.AdamW` step (same hyper-parameters, gradient clipping) on the same weights and batch
 (ours are written with `save_pretrained` and loaded by transformers, so routing is identical).
+The reference runs in its own process, driven call by call over a pipe and timed there, so that
+neither library's heap or thread pools sit under the other's timings. On the 2-core VM this was
+written on, a call that runs right after the other library's call is still up to ~1.3 s slower
+(either way round, with a 4 s gap too): hence the shuffled order below.
 Forward + backward alone is timed on both sides too, and our step jitted the way the trainer did
 before `build` (no buffer donation) as an A/B row; each side trains its own copy, so every row
 runs on weights and routing of the same age (forward + backward on the current trained weights, on
-both sides). Timings interleave all rows repeat by repeat, the order rotating each repeat (no row
-always runs right after the same other one), with `--gap` idle seconds before each call (both
+both sides). Timings interleave all rows repeat by repeat, in a fresh seeded shuffle each repeat
+(no row always runs right after the same other one), with `--gap` idle seconds before each call (both
 libraries' thread pools spin for a while after work), and report medians, the spread and each
 repeat's full-step ratio; MFU is model FLOPs
 (`train.metrics`, the same count for both) over the best of several float32 matmul probes of
@@ -31,8 +35,11 @@ change the model or its numbers (save_dots halves our scratch memory at about eq
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,9 +57,13 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: all cores, each side's default)")
   p.add_argument("--remat", default=None, help="our side's config.remat: none | full | save_dots | save_moe")
   p.add_argument("--force", action="store_true", help="print ratios even on a loaded machine")
+  p.add_argument("--reference-worker", help=argparse.SUPPRESS)   # internal: the transformers process
+  p.add_argument("--hyper", help=argparse.SUPPRESS)
   p.add_argument("--gap", type=float, default=1.0,
                  help="idle seconds before each timed call, so that one side's thread pools have gone to sleep")
   args = p.parse_args(argv)
+  if args.reference_worker:
+    return _reference_worker(args.reference_worker, args.threads, json.loads(args.hyper))
   load_start = os.getloadavg()
   if args.threads == 1:  # before JAX starts its CPU client
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -64,14 +75,11 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import torch
-  from transformers import LongcatFlashForCausalLM
 
   import longcat_jax as lj
   from longcat_jax import train
   from longcat_jax.train import losses, metrics, trainer
 
-  torch.set_num_threads(args.threads)
   cfg = train.get_train_config(args.preset, batch_size=args.batch, seq_len=args.seq)
   cfg.model.dtype = cfg.model.param_dtype = "float32"
   cfg.model.remat = args.remat or cfg.model.remat
@@ -108,29 +116,26 @@ def main(argv=None):
   state_prev = step_prev(state_prev, batch)[0]            # one step, as the state above
   ffn_per_token = float(np.mean(m["ffn_experts_mean"]))
 
-  # Reference: the same weights through save_pretrained -> from_pretrained.
-  with tempfile.TemporaryDirectory() as d:
-    lj.save_pretrained(d, model, {"params": params0, "expert_bias": bias0})
-    ref = LongcatFlashForCausalLM.from_pretrained(d, torch_dtype=torch.float32).train()
-  tids = torch.as_tensor(ids, dtype=torch.long)
+  # Reference: the same weights through save_pretrained -> from_pretrained, in its own process
+  # (`_reference_worker`), so that neither library's heap or thread pools sit under the other's
+  # timings: in one process, whichever side ran right after the other was ~1.3 s slower (both ways).
+  d = tempfile.mkdtemp()
+  lj.save_pretrained(d, model, {"params": params0, "expert_bias": bias0})
+  np.save(os.path.join(d, "ids.npy"), ids)
   o = cfg.optimizer
-  opt = torch.optim.AdamW(ref.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+  ref = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--reference-worker", d, "--threads",
+                          str(args.threads), "--hyper", json.dumps(dict(lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                                                                        weight_decay=o.weight_decay, clip=o.grad_clip))],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-  def ref_fwd_bwd():
-    ref.zero_grad(set_to_none=True)
-    out = ref(input_ids=tids, labels=tids)
-    out.loss.backward()
-    return out.loss.item()
-
-  def ref_step():
-    loss = ref_fwd_bwd()
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip)
-    opt.step()
-    return loss
+  def ask(command):
+    ref.stdin.write(command + "\n")
+    ref.stdin.flush()
+    return json.loads(ref.stdout.readline())
 
   ours_loss = float(fwd_bwd(params0, bias0)[0])
-  ref_loss = ref_fwd_bwd()                                   # warm-up (before any update)
-  ref_step()
+  ref_loss = ask("ref_fwd_bwd")["loss"]                     # warm-up (before any update)
+  ask("ref_step")
 
   timings = {"ref_step": [], "ref_fwd_bwd": [], "ours_step": [], "ours_step_prev": [], "ours_fwd_bwd": []}
   cpu = {key: [] for key in timings}
@@ -156,16 +161,26 @@ def main(argv=None):
     cpu[key].append(_cpu_seconds() - c)
     faults[key].append(_page_faults() - f)
 
+  def timed_ref(key):
+    time.sleep(args.gap)
+    r = ask(key)                      # timed inside the worker: wall, CPU and faults of the call itself
+    timings[key].append(r["wall"])
+    cpu[key].append(r["cpu"])
+    faults[key].append(r["faults"])
+
+  ref_step, ref_fwd_bwd = (lambda: timed_ref("ref_step")), (lambda: timed_ref("ref_fwd_bwd"))
   calls = [("ref_step", ref_step), ("ours_step", ours_step), ("ref_fwd_bwd", ref_fwd_bwd),
            ("ours_fwd_bwd", ours_fwd_bwd), ("ours_step_prev", ours_step_prev)]
-  for r in range(args.repeats):  # the order rotates each repeat: no row always follows the same one
-    for key, fn in calls[r % len(calls):] + calls[:r % len(calls)]:
-      timed(key, fn)
+  shuffle = np.random.RandomState(0)
+  for _ in range(args.repeats):  # a new order each repeat: no row always follows the same one
+    for key, fn in [calls[i] for i in shuffle.permutation(len(calls))]:
+      fn() if key.startswith("ref_") else timed(key, fn)
 
   peak_jax = metrics.device_peak_flops("float32")
-  a = torch.ones(1024, 1024)
-  best = min(_time(lambda: a @ a) for _ in range(10))
-  peak_torch = 2 * 1024 ** 3 / best
+  peak_torch = ask("peak")["flops"]
+  ref.stdin.close()
+  ref.wait()
+  shutil.rmtree(d, ignore_errors=True)
   peak = max(peak_jax, peak_torch)
   tokens = args.batch * args.seq
   flops = metrics.training_flops_per_token(c, args.seq, ffn_per_token)
@@ -198,6 +213,44 @@ def main(argv=None):
           "(half the cores); rerun on an idle machine or pass --force")
   print("load average at start (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in load_start)
         + "; at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+def _reference_worker(d: str, threads: int, hyper: dict) -> None:
+  """The transformers side, one process: reads commands (ref_step, ref_fwd_bwd, peak) on stdin and
+  answers each with one JSON line (the call's wall seconds, CPU seconds, page faults, loss)."""
+  import numpy as np
+  import torch
+  from transformers import LongcatFlashForCausalLM
+
+  torch.set_num_threads(threads)
+  ref = LongcatFlashForCausalLM.from_pretrained(d, torch_dtype=torch.float32).train()
+  tids = torch.as_tensor(np.load(os.path.join(d, "ids.npy")), dtype=torch.long)
+  h = hyper
+  opt = torch.optim.AdamW(ref.parameters(), lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
+                          weight_decay=h["weight_decay"])
+
+  def fwd_bwd():
+    ref.zero_grad(set_to_none=True)
+    out = ref(input_ids=tids, labels=tids)
+    out.loss.backward()
+    return out.loss.item()
+
+  def step():
+    loss = fwd_bwd()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), h["clip"])
+    opt.step()
+    return loss
+
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "peak":
+      a = torch.ones(1024, 1024)
+      out = dict(flops=2 * 1024 ** 3 / min(_time(lambda: a @ a) for _ in range(10)))
+    else:
+      c, f, t = _cpu_seconds(), _page_faults(), time.perf_counter()
+      loss = {"ref_step": step, "ref_fwd_bwd": fwd_bwd}[command]()
+      out = dict(wall=time.perf_counter() - t, cpu=_cpu_seconds() - c, faults=_page_faults() - f, loss=loss)
+    print(json.dumps(out), flush=True)
 
 
 def _cpu_seconds() -> float:

@@ -132,6 +132,16 @@ def _wait(procs, timeout=600):
   return logs
 
 
+def _signal_at(procs, run, step, sig, deadline, targets=None):
+  """Waits until `run` has logged `step` steps, then sends `sig` to `targets` (default: all)."""
+  while len(read_metrics(str(run))) < step:
+    assert all(p.poll() is None for p in procs), "a process ended before the signal:\n" + procs[0].communicate()[0][-3000:]
+    assert time.time() < deadline, f"timed out waiting for step {step}"
+    time.sleep(0.05)
+  for p in targets or procs:
+    p.send_signal(sig)
+
+
 def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, tmp_path):
   total = 24  # long enough that both signals land before the run ends
   # 1 process, 8 devices, same layout: the losses the two processes must train.
@@ -147,14 +157,6 @@ def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, t
   assert len(want) == total
   np.testing.assert_allclose(want, losses_of(one_process), rtol=1e-5)
 
-  def signal_at(procs, run, step, sig, deadline):
-    while len(read_metrics(str(run))) < step:
-      assert all(p.poll() is None for p in procs), "a process ended before the signal:\n" + procs[0].communicate()[0][-3000:]
-      assert time.time() < deadline, f"timed out waiting for step {step}"
-      time.sleep(0.05)
-    for p in procs:
-      p.send_signal(sig)
-
   # SIGKILL both processes at a random step after the first checkpoint, then the same command;
   # SIGTERM that run (what SLURM sends a job before a kill) some steps later: both agree on a step,
   # save it and exit 0; the same command again finishes. The losses are bitwise the uninterrupted
@@ -163,11 +165,11 @@ def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, t
   kill_after = int(np.random.default_rng(int.from_bytes(os.urandom(4), "little")).integers(5, total // 2))
   deadline = time.time() + 900
   procs = _two_processes(run, shared, total)
-  signal_at(procs, run, kill_after, signal.SIGKILL, deadline)
+  _signal_at(procs, run, kill_after, signal.SIGKILL, deadline)
   for p in procs:
     p.wait()
   procs = _two_processes(run, shared, total)
-  signal_at(procs, run, kill_after + 4, signal.SIGTERM, deadline)
+  _signal_at(procs, run, kill_after + 4, signal.SIGTERM, deadline)
   logs = _wait(procs)
   assert "resumed from" in logs[0], logs[0][-2000:]
   assert "preempted (SIGTERM)" in logs[0] and "all 2 processes agreed on the step" in logs[0], logs[0][-2000:]
@@ -178,13 +180,10 @@ def test_two_processes_train_resume_after_sigkill_and_restore_anywhere(shared, t
   # One process SIGKILLed: the other stops with one message naming the lost process, not a hang.
   run = tmp_path / "dead_peer"
   procs = _two_processes(run, shared, total, "--heartbeat_timeout_s=10")
-  while len(read_metrics(str(run))) < 3:
-    assert all(p.poll() is None for p in procs), "a process ended before the kill"
-    time.sleep(0.05)
-  procs[1].send_signal(signal.SIGKILL)
+  _signal_at(procs, run, 3, signal.SIGKILL, deadline, targets=procs[1:])
   t0 = time.time()
   out = procs[0].communicate(timeout=180)[0]
-  assert procs[0].returncode != 0 and time.time() - t0 < 40, (time.time() - t0, out[-2000:])
+  assert procs[0].returncode != 0 and time.time() - t0 < 60, (time.time() - t0, out[-2000:])
   assert "lost process 1" in out or "process 1" in out, out[-2000:]
   assert out.count("Traceback") == 0, out[-2000:]
 

@@ -11,6 +11,7 @@ import pytest
 import longcat_jax as lj
 from longcat_jax import train
 from longcat_jax.train import optimizer as optim
+from longcat_jax.train import trainer
 
 
 def numpy_newton_schulz(g, steps=5, eps=1e-7):
@@ -101,20 +102,25 @@ def test_muon_takes_hidden_matrices_adamw_the_rest():
 
 
 def test_muon_train_step_runs_and_learns():
-  c = train.get_train_config("tiny", total_steps=20, batch_size=2, seq_len=16)
+  """Through the trainer's own `build` on a 2-way FSDP mesh (its optimizer-state shardings come from
+  `optax.tree_map_params`, which calls `init` on a stand-in for the parameter tree)."""
+  c = train.get_train_config("tiny", total_steps=20, batch_size=2, seq_len=16, mesh="fsdp=2")
   c.model.update(num_layers=1, kernels="xla")
   c.optimizer.update(name="muon", warmup_steps=2, lr=3e-3)
-  model = lj.LongcatForCausalLM(c.model)
-  state = train.init_train_state(model, c, jax.random.PRNGKey(0))
-  step = jax.jit(train.make_train_step(model, c))
+  program = trainer.build(c, trainer.make_mesh(c, jax.devices()[:2]))
+  state = program.init(jax.random.PRNGKey(0))
+  nu = jax.tree.leaves(state.opt_state)
+  assert any(x.size == 0 for x in nu)   # Muon leaves hold no second moment
   ids = np.tile(np.arange(17, dtype=np.int32)[None] % 7 + 3, (2, 1))
-  batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((2, 16), np.int32),
-               positions=np.tile(np.arange(16, dtype=np.int32), (2, 1)), loss_mask=np.ones((2, 16), np.float32))
+  batch = program.global_batch(dict(
+      input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((2, 16), np.int32),
+      positions=np.tile(np.arange(16, dtype=np.int32), (2, 1)), loss_mask=np.ones((2, 16), np.float32)))
   losses = []
   for _ in range(12):
-    state, m = step(state, batch)
+    state, m = program.step(state, batch)
     losses.append(float(m["nll"]))
   assert np.isfinite(losses).all() and losses[-1] < losses[0] - 1.0, losses
+  model = program.model
   with pytest.raises(ValueError, match="optimizer.name"):
     c.optimizer.name = "sgd"
     train.make_train_step(model, c)

@@ -297,10 +297,10 @@ def abstract_state(model, mesh, rules=LOGICAL_AXIS_RULES):
 def train_state_shardings(tx, abstract_state, param_shardings, mesh):
   """Shardings for a `train.TrainState`: optimizer moments follow their parameters (found with
   `optax.tree_map_params`, no path strings); counters, step, rng and spike-guard statistics are
-  replicated."""
+  replicated, as is a moment that is a scalar placeholder (Muon's unused second moment)."""
   rep = NamedSharding(mesh, P())
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings["params"],
-                              transform_non_params=lambda _: rep)
+  opt = optax.tree_map_params(tx, lambda x, s: rep if x.ndim == 0 else s, abstract_state.opt_state,
+                              param_shardings["params"], transform_non_params=lambda _: rep)
   return abstract_state.replace(step=rep, params=param_shardings["params"], opt_state=opt,
                                 expert_bias=param_shardings["expert_bias"], rng=rep,
                                 guard=jax.tree.map(lambda _: rep, abstract_state.guard))

@@ -151,7 +151,7 @@ def _fans(shape, dims: MuonDimensionNumbers) -> tuple[int, int]:
 class MuonAdamState(NamedTuple):
   count: jax.Array   # int32 []
   mu: optax.Params   # Muon momentum / Adam first moment
-  nu: optax.Params   # Adam second moment (empty [0, ..., 0] arrays for Muon leaves: same rank, no memory)
+  nu: optax.Params   # Adam second moment ([] placeholders for Muon leaves)
 
 
 def scale_by_muon_adam(leaf_dims: list, *, momentum: float = 0.95, ns_steps: int = 5, update_rms: float = 0.2,
@@ -178,9 +178,7 @@ def scale_by_muon_adam(leaf_dims: list, *, momentum: float = 0.95, ns_steps: int
       return MuonAdamState(jnp.zeros((), jnp.int32), params, params)
     check(leaves)
     mu = [jnp.zeros_like(p) for p in leaves]
-    # A Muon leaf has no second moment. An empty array of the parameter's rank (not a scalar) keeps
-    # `nu` a parameter-shaped tree whose leaves take the parameter's sharding.
-    nu = [jnp.zeros((0,) * p.ndim, p.dtype) if d is not None else jnp.zeros_like(p) for p, d in zip(leaves, leaf_dims)]
+    nu = [jnp.zeros((), p.dtype) if d is not None else jnp.zeros_like(p) for p, d in zip(leaves, leaf_dims)]
     return MuonAdamState(jnp.zeros((), jnp.int32), treedef.unflatten(mu), treedef.unflatten(nu))
 
   def update(updates, state, params=None):

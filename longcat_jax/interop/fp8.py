@@ -44,13 +44,18 @@ def expand_scales(scale: np.ndarray, rows: tuple[int, int], cols: tuple[int, int
   return out
 
 
+# Every e4m3 byte's float32 value: a table lookup is ~8x faster than ml_dtypes' element-wise cast.
+_E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
+
+
 def dequantize(q: np.ndarray, scale: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], block,
                dtype) -> np.ndarray:
   """q [r1 - r0, c1 - c0] (e4m3, the stored rows/cols of a weight) -> `dtype`, computed in float32
   one block row at a time (no full-size scale array)."""
   out = np.empty(q.shape, dtype)
+  codes = q.view(np.uint8)
   for sl, cs in _per_row_block(rows, cols, scale, block):
-    w = q[sl].astype(np.float32)
+    w = _E4M3_TO_F32.take(codes[sl])
     w *= cs
     out[sl] = w
   return out

@@ -30,6 +30,7 @@ import functools
 import itertools
 import json
 import math
+import mmap
 import os
 import shutil
 import warnings
@@ -226,29 +227,31 @@ class _Reader:
     self.files, self.c, self.block, self.limit = files, c, _quant_block(c) or DEFAULT_BLOCK, limit
 
   def hf_block(self, key: str, ranges, dtype) -> np.ndarray:
-    """HF rows/cols `ranges` of tensor `key`, as `dtype`. A column range is cut from whole rows read
-    `limit` bytes at a time, so a column-split shard never holds more than that of its tensor."""
+    """HF rows/cols `ranges` of tensor `key`: a view of the mapped file in the stored dtype, or for
+    FP8 a `dtype` array dequantized `limit` bytes of stored rows at a time."""
     t = self.files.info(key)
     (r0, r1) = ranges[0]
-    if len(ranges) == 1 or (ranges[1][0] == 0 and ranges[1][1] == t.shape[1] and t.dtype != fp8.E4M3):
-      return self.files.read_rows(key, r0, r1)
+    rows = self.files.view(key, r0, r1)
+    if t.dtype != fp8.E4M3:
+      return rows if len(ranges) == 1 else rows[:, ranges[1][0]:ranges[1][1]]
     c0, c1 = ranges[1]
-    scale = self.files.read(key + fp8.SCALE_SUFFIX) if t.dtype == fp8.E4M3 else None
-    out = np.empty((r1 - r0, c1 - c0), dtype if scale is not None else t.dtype)
+    scale = self.files.read(key + fp8.SCALE_SUFFIX)
+    out = np.empty((r1 - r0, c1 - c0), dtype)
     step = max(1, self.limit // max(1, t.shape[1] * t.dtype.itemsize))
     for a in range(r0, r1, step):
       b = min(a + step, r1)
-      raw = self.files.read_rows(key, a, b)[:, c0:c1]
-      out[a - r0:b - r0] = raw if scale is None else fp8.dequantize(raw, scale, (a, b), (c0, c1), self.block, dtype)
+      out[a - r0:b - r0] = fp8.dequantize(rows[a - r0:b - r0, c0:c1], scale, (a, b), (c0, c1), self.block, dtype)
     return out
 
-  def box(self, leaf: Leaf, key: str, slice_shape, box, dtype) -> np.ndarray:
-    """The JAX slice box of one HF tensor (a view or a small temporary)."""
+  def box_into(self, out: np.ndarray, leaf: Leaf, key: str, slice_shape, box, dtype) -> None:
+    """Copies the JAX slice box of one HF tensor into `out` (the HF -> JAX transpose and the dtype
+    conversion happen in this one copy), then lets go of the mapped pages it read."""
     cover, hf = _cover(leaf, slice_shape, box)
+    rows = hf[0]
     stored_rows = leaf.hf_rows
     if stored_rows is not None and hf[0][1] > stored_rows:  # row-padded n-gram table: zeros beyond
       r0, r1 = hf[0]
-      hf[0] = (min(r0, stored_rows), stored_rows)
+      hf[0] = rows = (min(r0, stored_rows), stored_rows)
       x = self.hf_block(key, hf, dtype) if hf[0][1] > hf[0][0] else None
       full = np.zeros((r1 - r0,) + ((hf[1][1] - hf[1][0],) if len(hf) > 1 else ()), dtype)
       if x is not None:
@@ -257,16 +260,27 @@ class _Reader:
     else:
       x = self.hf_block(key, hf, dtype)
     x = _hf_to_jax(x, leaf, [b - a for a, b in cover])
-    return x[tuple(slice(b0 - c0, b1 - c0) for (b0, b1), (c0, _) in zip(box, cover))]
+    out[...] = x[tuple(slice(b0 - c0, b1 - c0) for (b0, b1), (c0, _) in zip(box, cover))]
+    del x
+    self.files.release(key, *rows)
 
-  def chunk(self, leaf: Leaf, shape, chunk, dtype) -> np.ndarray:
-    """A chunk (box over the whole stacked leaf) read into one host array."""
-    out = np.empty([b - a for a, b in chunk], dtype)
+  def prefetch(self, leaf: Leaf, shape, boxes) -> None:
+    """Asks the kernel to start reading every stored tensor that `boxes` of the leaf touch (their
+    whole byte ranges), so the disk streams while the threads copy."""
+    lead = len(shape[:leaf.lead])
+    names = ("l", "e")[:leaf.lead] if leaf.per_layer else ("e",)
+    for box in boxes:
+      for idx in itertools.product(*[range(*b) for b in box[:lead]]):
+        self.files.prefetch(leaf.hf_key.format(**dict(zip(names, idx))))
+
+  def chunk(self, leaf: Leaf, shape, chunk, dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """A chunk (box over the whole stacked leaf) read into one host array (`out` if given)."""
+    out = np.empty([b - a for a, b in chunk], dtype) if out is None else out
     lead, inner = chunk[:leaf.lead], chunk[leaf.lead:]
     for idx in itertools.product(*[range(*b) for b in lead]):
       key = leaf.hf_key.format(**dict(zip(("l", "e")[:leaf.lead] if leaf.per_layer else ("e",), idx)))
       rel = tuple(i - b[0] for i, b in zip(idx, lead))
-      out[rel] = self.box(leaf, key, shape[leaf.lead:], inner, dtype)
+      self.box_into(out[rel], leaf, key, shape[leaf.lead:], inner, dtype)
     return out
 
 
@@ -306,6 +320,8 @@ def _load_leaf(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, limit:
   shard_shape = tuple(sharding.shard_shape(shape))
   order = list(range(leaf.lead)) + [leaf.lead + leaf.hf_axes[0][0]]
   rel_chunks = list(_chunks([(0, n) for n in shard_shape], order, np.dtype(dtype).itemsize, limit))
+  if all(d.platform == "cpu" for d in index_map):
+    return _load_leaf_host(reader, leaf, shape, dtype, sharding, pool, boxes, shard_shape, rel_chunks)
   tasks = [(k, box) for k in range(len(rel_chunks)) for box in boxes]
   pending, it = collections.deque(), iter(tasks)
 
@@ -345,6 +361,38 @@ def _load_leaf(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, limit:
       jax.block_until_ready(previous)
     buf = previous = update(buf, x, np.asarray([r[0] for r in rel], np.int32))
   return buf
+
+
+def _host_array(shape, dtype) -> np.ndarray:
+  """Uninitialised host memory for one shard, page-aligned, so that XLA:CPU adopts it as the
+  device buffer without a copy. (Measured here and not used: transparent huge pages, whose direct
+  compaction stalled the fill 2.5x, and MADV_POPULATE_WRITE, which zeroes in one thread before
+  the parallel fill.)"""
+  dtype = np.dtype(dtype)
+  n = math.prod(shape)
+  m = mmap.mmap(-1, max(n * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+  return np.frombuffer(m, dtype, count=n).reshape(shape)
+
+
+def _load_leaf_host(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, boxes, shard_shape, rel_chunks):
+  """The CPU case of `_load_leaf`: the memory of each shard is the device buffer itself. The
+  leaf's tensors are prefetched (the disk streams while the threads copy), every shard is
+  allocated once (`_host_array`), its chunks are copied straight from the mapped files into it by
+  the thread pool (the HF -> JAX transpose and any dtype conversion happen in that one copy), and
+  `device_put` then adopts it; so nothing beyond the arrays is held but each thread's FP8
+  temporaries (`limit` bytes)."""
+  reader.prefetch(leaf, shape, boxes)
+  hosts = {box: _host_array(shard_shape, dtype) for box in boxes}
+  futures = []
+  for rel in rel_chunks:
+    view = tuple(slice(a, b) for a, b in rel)
+    for box, host in hosts.items():
+      ch = [(b[0] + r0, b[0] + r1) for b, (r0, r1) in zip(box, rel)]
+      futures.append(pool.submit(reader.chunk, leaf, shape, ch, dtype, host[view]))
+  for f in futures:
+    f.result()
+  arrays = {d: jax.device_put(hosts[box], d) for box, devices in boxes.items() for d in devices}
+  return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in sharding.addressable_devices_indices_map(shape)])
 
 
 def _release_freed_memory() -> None:

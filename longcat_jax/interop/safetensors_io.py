@@ -3,12 +3,15 @@
 A safetensors file is `u64 N | N bytes of JSON header | data`; the header gives each tensor's
 dtype, shape and `[begin, end)` byte range inside the data. Reading a row range of a tensor is one
 positional read (`os.preadv` into the destination buffer; thread-safe, releases the GIL), so
-many threads can read different tensors, or different rows of one tensor, at disk speed.
+many threads can read different tensors, or different rows of one tensor, at disk speed. `view`
+gives the same rows as a read-only view of the file's memory map instead, for a caller that copies
+them anyway (a transposing or converting copy then reads the page cache directly: one pass, not two).
 `numpy` has no float8 type; `ml_dtypes` (a JAX dependency) provides `float8_e4m3fn`.
 
     files = CheckpointFiles("path/to/ckpt")          # index json or model.safetensors
     info = files.info("model.layers.0.mlp.experts.3.up_proj.weight")   # dtype, shape, file
     rows = files.read_rows(key, 128, 256)            # numpy [128, in], stored dtype
+    rows = files.view(key, 128, 256)                 # the same rows, a view of the mapped file
 
 Every problem is a `CheckpointError` naming the file and the tensor.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -125,6 +129,7 @@ class CheckpointFiles:
         raise CheckpointError(f"{os.path.join(path, weight_map[absent[0]])}: tensor {absent[0]!r} is listed in "
                               f"{INDEX_NAME} but not in that file's header ({len(absent)} such)")
     self._fds: dict[str, int] = {}
+    self._maps: dict[str, mmap.mmap] = {}
     self._lock = threading.Lock()
 
   def keys(self):
@@ -170,11 +175,53 @@ class CheckpointFiles:
   def read(self, key: str) -> np.ndarray:
     return self.read_rows(key)
 
+  def view(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of tensor `key` as a read-only view of its file's memory map (no copy;
+    the pages are read when touched). `read_header` checked that every tensor lies inside its file,
+    so a view never reaches past the end (unless the file shrinks while open: then SIGBUS)."""
+    t = self.tensors[key]
+    shape = t.shape or (1,)
+    stop = shape[0] if stop is None else stop
+    row = math.prod(shape[1:])
+    with self._lock:
+      m = self._maps.get(t.file)
+      if m is None:
+        try:
+          with open(t.file, "rb") as f:
+            m = self._maps[t.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+          raise CheckpointError(f"{t.file}: cannot map the file to read tensor {key!r}: {e}") from None
+    x = np.frombuffer(m, t.dtype, count=(stop - start) * row, offset=t.offset + start * row * t.dtype.itemsize)
+    return x.reshape((stop - start,) + tuple(shape[1:])) if t.shape else x.reshape(())
+
+  def prefetch(self, key: str) -> None:
+    """Starts an asynchronous read of tensor `key` into the page cache (POSIX_FADV_WILLNEED)."""
+    t = self.tensors[key]
+    if hasattr(os, "posix_fadvise"):
+      os.posix_fadvise(self._fd(t.file), t.offset, t.nbytes, os.POSIX_FADV_WILLNEED)
+
+  def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
+    """Unmaps the pages of rows [start, stop) of `key` from this process (they stay in the page
+    cache), so that a loader's resident memory does not grow with what it has read. A page shared
+    with a neighbouring range that another thread is still copying is simply read again."""
+    t = self.tensors[key]
+    m = self._maps.get(t.file)
+    if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+      return
+    shape = t.shape or (1,)
+    stop = shape[0] if stop is None else stop
+    row = math.prod(shape[1:]) * t.dtype.itemsize
+    a = (t.offset + start * row) // mmap.PAGESIZE * mmap.PAGESIZE
+    b = min(-(-(t.offset + stop * row) // mmap.PAGESIZE) * mmap.PAGESIZE, len(m))
+    if b > a:
+      m.madvise(mmap.MADV_DONTNEED, a, b - a)
+
   def close(self):
     with self._lock:
       for fd in self._fds.values():
         os.close(fd)
       self._fds.clear()
+      self._maps.clear()   # unmapped when the last view of each is gone
 
   def __del__(self):
     try:

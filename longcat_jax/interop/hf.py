@@ -7,12 +7,15 @@ LongCat-2.0 names), BF16 or block-FP8, is read shard by shard:
     model, variables = load_pretrained(path, jnp.bfloat16, mesh=mesh)   # leaves already sharded
 
 Each leaf is built per device from the safetensors byte ranges of that device's own layers,
-experts, rows and columns (`jax.make_array_from_single_device_arrays`), in chunks of at most
-`host_bytes / (3 * workers + window + local devices)` bytes read by a thread pool and written into
-the device buffers in place (one shard_map'd dynamic_update_slice per chunk for the whole mesh), so
-host memory beyond the arrays stays around `host_bytes` (default: half the largest stored tensor)
-plus XLA's compiled programs, and a process only reads what its addressable devices hold. FP8 weights are
-dequantized chunk by chunk. Without a mesh every leaf lands whole on the default device.
+experts, rows and columns (`jax.make_array_from_single_device_arrays`), so a process only reads
+what its addressable devices hold; the files are memory-mapped and each leaf's tensors prefetched.
+On CPU devices a shard's host memory is its device buffer: a thread pool copies the stored rows
+straight into it (transposed to the JAX layout, converted, FP8 dequantized, in that one copy) and
+`device_put` adopts it without a copy. On accelerators the shards are filled in chunks of at most
+`host_bytes / (3 * workers + window + local devices)` bytes, written into the device buffers in
+place (one shard_map'd dynamic_update_slice per chunk for the whole mesh). Either way host memory
+beyond the arrays stays around `host_bytes` (default: half the largest stored tensor) plus XLA's
+compiled programs. Without a mesh every leaf lands whole on the default device.
 
 `save_pretrained` writes tensor by tensor from the shards (never a whole stacked leaf on a host):
 the header of every file is computed first, then each process writes the bytes of the shards it
@@ -48,7 +51,7 @@ from longcat_jax.interop import fp8, layouts
 from longcat_jax.interop.layouts import MTP_EMBED_KEY, Leaf
 from longcat_jax.interop.safetensors_io import (INDEX_NAME, CheckpointError, CheckpointFiles, TensorInfo,
                                                 plan_files, pwrite_all)
-from longcat_jax.model import EXPERT_BIAS, LongcatForCausalLM
+from longcat_jax.model import LongcatForCausalLM
 from longcat_jax.model.placement import LOCAL
 from longcat_jax.parallel import sharding as sharding_lib
 from longcat_jax.parallel.placement import MeshPlacement
@@ -264,24 +267,26 @@ class _Reader:
     del x
     self.files.release(key, *rows)
 
-  def prefetch(self, leaf: Leaf, shape, boxes) -> None:
+  def prefetch(self, leaf: Leaf, boxes) -> None:
     """Asks the kernel to start reading every stored tensor that `boxes` of the leaf touch (their
     whole byte ranges), so the disk streams while the threads copy."""
-    lead = len(shape[:leaf.lead])
-    names = ("l", "e")[:leaf.lead] if leaf.per_layer else ("e",)
     for box in boxes:
-      for idx in itertools.product(*[range(*b) for b in box[:lead]]):
-        self.files.prefetch(leaf.hf_key.format(**dict(zip(names, idx))))
+      for idx in itertools.product(*[range(*b) for b in box[:leaf.lead]]):
+        self.files.prefetch(_key(leaf, idx))
 
   def chunk(self, leaf: Leaf, shape, chunk, dtype, out: np.ndarray | None = None) -> np.ndarray:
     """A chunk (box over the whole stacked leaf) read into one host array (`out` if given)."""
     out = np.empty([b - a for a, b in chunk], dtype) if out is None else out
     lead, inner = chunk[:leaf.lead], chunk[leaf.lead:]
     for idx in itertools.product(*[range(*b) for b in lead]):
-      key = leaf.hf_key.format(**dict(zip(("l", "e")[:leaf.lead] if leaf.per_layer else ("e",), idx)))
       rel = tuple(i - b[0] for i, b in zip(idx, lead))
-      self.box_into(out[rel], leaf, key, shape[leaf.lead:], inner, dtype)
+      self.box_into(out[rel], leaf, _key(leaf, idx), shape[leaf.lead:], inner, dtype)
     return out
+
+
+def _key(leaf: Leaf, idx) -> str:
+  """The HF tensor name of one (layer, expert) / (expert,) index of a stacked leaf."""
+  return leaf.hf_key.format(**dict(zip(("l", "e")[:leaf.lead] if leaf.per_layer else ("e",), idx)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -381,7 +386,7 @@ def _load_leaf_host(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, b
   the thread pool (the HF -> JAX transpose and any dtype conversion happen in that one copy), and
   `device_put` then adopts it; so nothing beyond the arrays is held but each thread's FP8
   temporaries (`limit` bytes)."""
-  reader.prefetch(leaf, shape, boxes)
+  reader.prefetch(leaf, boxes)
   hosts = {box: _host_array(shard_shape, dtype) for box in boxes}
   futures = []
   for rel in rel_chunks:
@@ -392,7 +397,8 @@ def _load_leaf_host(reader: _Reader, leaf: Leaf, shape, dtype, sharding, pool, b
   for f in futures:
     f.result()
   arrays = {d: jax.device_put(hosts[box], d) for box, devices in boxes.items() for d in devices}
-  return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in sharding.addressable_devices_indices_map(shape)])
+  order = sharding.addressable_devices_indices_map(shape)
+  return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in order])
 
 
 def _release_freed_memory() -> None:
@@ -590,7 +596,6 @@ def _write_leaf(arr, leaf: Leaf, where, fds, block, scales, limit: int) -> None:
   slice_shape = shape[leaf.lead:]
   order = list(range(leaf.lead)) + [leaf.lead + leaf.hf_axes[0][0]]
   itemsize = np.dtype(arr.dtype).itemsize
-  names = ("l", "e") if leaf.per_layer else ("e",)
   for box, data in _shard_boxes(arr, shape):
     for ch in _chunks(box, order, itemsize, limit):
       host = np.asarray(data[tuple(slice(a - b[0], z - b[0]) for (a, z), b in zip(ch, box))])
@@ -600,7 +605,7 @@ def _write_leaf(arr, leaf: Leaf, where, fds, block, scales, limit: int) -> None:
         raise CheckpointError(f"cannot write {leaf.hf_key!r}: a shard splits a merged axis "
                               f"(slice box {inner} of {list(slice_shape)}); shard that leaf on its outer axes")
       for idx in itertools.product(*[range(*b) for b in lead]):
-        key = leaf.hf_key.format(**dict(zip(names[:leaf.lead], idx)))
+        key = _key(leaf, idx)
         x = _jax_to_hf(host[tuple(i - b[0] for i, b in zip(idx, lead))], leaf)
         rng = list(hf)
         if leaf.hf_rows is not None:   # drop the padding rows of an n-gram table

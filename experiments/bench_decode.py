@@ -10,6 +10,14 @@ For each batch size B and filled context S (all inside one preallocated cache of
   step ms         median time of one decode step; "flat" compares it with the smallest S
   bound ms        bytes one step must read (weights it touches + the filled cache) / measured
                   memory bandwidth (`--bandwidth-gbs` overrides the measured copy bandwidth)
+`--vs-transformers`: greedy generation end to end (prefill + every decode step, `lj.generate`)
+beside transformers' `generate` (greedy, `do_sample=False`, its own KV cache) on the same weights
+(written with `save_pretrained`, loaded by `LongcatFlashForCausalLM`), --prompt-tokens random
+prompt tokens, --new-tokens new tokens (no EOS stop), for each batch of --batches. The reference
+runs in its own process (as in bench_train.py: the two libraries' heaps and thread pools in one
+process slow whichever runs second), repeats interleaved; reports median seconds, spread, tokens
+per second, the ratio, and how many generated tokens agree.
+
 Weights touched per step: all non-expert weights except the embedding (B rows), plus the distinct
 FFN experts the B tokens route to (expected count for uniform routing over the FFN experts with
 target_ffn_experts of them per token). Every number is the median of --repeats timed runs after a
@@ -19,7 +27,12 @@ compile + warm-up run. Random weights (throughput does not depend on them).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -59,6 +72,75 @@ def step_bytes(config, batch: int, context: int) -> float:
   return weights + batch * context * cache_bytes_per_token(config)
 
 
+def versus_transformers(config, args) -> None:
+  """Greedy `lj.generate` beside transformers' `generate`, same weights, repeats interleaved."""
+  model = lj.LongcatForCausalLM(config)
+  variables = lj.init_variables(model, jax.random.key(0))
+  d = tempfile.mkdtemp()
+  lj.save_pretrained(d, model, variables)
+  threads = os.cpu_count() or 1
+  ref = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--reference-worker", d, "--threads",
+                          str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def ask(prompt, n):
+    np.save(os.path.join(d, "prompt.npy"), prompt)
+    ref.stdin.write(f"{n}\n")
+    ref.stdin.flush()
+    return json.loads(ref.stdout.readline())
+
+  def ours(prompt, n):
+    t = time.perf_counter()
+    out = lj.generate(model, variables, prompt, n, temperature=0.0, eos_token_id=())
+    return dict(wall=time.perf_counter() - t, tokens=[list(map(int, r)) for r in out.tokens])
+
+  rng = np.random.RandomState(0)
+  print(f"{config.name} ({args.dtype}), greedy, prompt {args.prompt_tokens} tokens + {args.new_tokens} new; "
+        f"torch threads {threads}; load avg {os.getloadavg()[0]:.2f}")
+  print(f"{'B':>4} {'side':>13} {'seconds':>8} {'(min-max)':>13} {'new tok/s':>10} {'ratio':>6}  tokens agreeing")
+  for b in [int(x) for x in args.batches.split(",")]:
+    prompt = rng.randint(3, config.vocab_size, (b, args.prompt_tokens)).astype(np.int32)
+    ours(prompt, args.new_tokens)                 # compile + warm-up
+    ask(prompt, args.new_tokens)
+    times, last = {"transformers": [], "longcat_jax": []}, {}
+    for r in range(args.repeats):                 # interleaved, the order alternating
+      for side in (("longcat_jax", "transformers") if r % 2 == 0 else ("transformers", "longcat_jax")):
+        out = ours(prompt, args.new_tokens) if side == "longcat_jax" else ask(prompt, args.new_tokens)
+        times[side].append(out["wall"])
+        last[side] = out["tokens"]
+    agree = [next((i for i, (x, y) in enumerate(zip(a, t)) if x != y), len(a))   # leading tokens equal
+             for a, t in zip(last["longcat_jax"], last["transformers"])]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for side in ("transformers", "longcat_jax"):
+      v = times[side]
+      ratio = med["transformers"] / med[side]
+      print(f"{b:>4} {side:>13} {med[side]:>8.2f} {f'({min(v):.2f}-{max(v):.2f})':>13} "
+            f"{b * args.new_tokens / med[side]:>10.1f} {ratio:>5.2f}x  "
+            + (f"first {min(agree)}-{max(agree)} of {args.new_tokens} per row" if side == "longcat_jax" else ""))
+  ref.stdin.close()
+  ref.wait()
+  print(f"(median of {args.repeats} interleaved repeats; ratio = transformers' time / this row's; load avg at end "
+        f"{os.getloadavg()[0]:.2f})")
+
+
+def _reference_worker(d: str, threads: int) -> None:
+  """The transformers side: for each line N on stdin, greedy-generates N tokens after the prompt in
+  d/prompt.npy and answers with one JSON line (wall seconds, new tokens per row)."""
+  import torch
+  from transformers import LongcatFlashForCausalLM
+
+  torch.set_num_threads(threads)
+  model = LongcatFlashForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+  for line in sys.stdin:
+    n = int(line)
+    ids = torch.as_tensor(np.load(os.path.join(d, "prompt.npy")), dtype=torch.long)
+    t = time.perf_counter()
+    with torch.no_grad():
+      out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - t
+    print(json.dumps(dict(wall=wall, tokens=out[:, ids.shape[1]:].tolist())), flush=True)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="small")
@@ -69,10 +151,19 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--bandwidth-gbs", type=float, default=None)
   p.add_argument("--skip-prefill", action="store_true")
+  p.add_argument("--vs-transformers", action="store_true", help="greedy generate beside transformers' generate")
+  p.add_argument("--prompt-tokens", type=int, default=512)
+  p.add_argument("--new-tokens", type=int, default=256)
+  p.add_argument("--reference-worker", help=argparse.SUPPRESS)
+  p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
   args = p.parse_args()
+  if args.reference_worker:
+    return _reference_worker(args.reference_worker, args.threads)
 
   config = lj.get_config(args.config, dtype=args.dtype, param_dtype=args.dtype)
   config.max_position_embeddings = max(config.max_position_embeddings, args.cache)
+  if args.vs_transformers:
+    return versus_transformers(config, args)
   model = lj.LongcatForCausalLM(config)
   variables = lj.init_variables(model, jax.random.key(0))
   engine = Engine(model)

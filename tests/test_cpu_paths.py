@@ -85,3 +85,27 @@ def test_auto_attention_on_cpu_is_query_blocked():
   largest = largest_intermediate(jax.grad(fn, argnums=(0, 1, 2)), q, k, v)
   assert largest < b * h * s * s, largest
   np.testing.assert_allclose(pk.mla_attention(q, k, v), mla_attention_reference(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 2, 9])   # 1 and 2: the few-rows (decode) path; 9: the grouped matmul
+def test_dropless_experts_against_per_token_reference(t):
+  """Both paths of `dropless_experts` against the definition, per token in float64: the sum over
+  its slots of routing weight x SwiGLU expert, plus the zero-expert weight x the input."""
+  from longcat_jax.model.experts import dropless_experts
+  n, zero, k, h, f = 16, 4, 3, 8, 12
+  rng = np.random.default_rng(t)
+  x = rng.standard_normal((t, h)).astype(np.float32)
+  idx = np.stack([rng.choice(n + zero, k, replace=False) for _ in range(t)]).astype(np.int32)
+  w = rng.random((t, k)).astype(np.float32)
+  wg, wu = (rng.standard_normal((n, h, f)).astype(np.float32) for _ in range(2))
+  wd = rng.standard_normal((n, f, h)).astype(np.float32)
+  counts = np.bincount(idx[idx < n], minlength=n).astype(np.int32)
+  got = dropless_experts(x, w, idx, counts, wg, wu, wd, num_ffn_experts=n, block_m=4)
+  silu = lambda a: a / (1 + np.exp(-a))
+  want = np.zeros((t, h))
+  for i in range(t):
+    for j in range(k):
+      e = idx[i, j]
+      xi = x[i].astype(np.float64)
+      want[i] += w[i, j] * (xi if e >= n else (silu(xi @ wg[e]) * (xi @ wu[e])) @ wd[e])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=F32_TOL, atol=F32_TOL * np.abs(want).max())

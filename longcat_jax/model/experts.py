@@ -68,7 +68,14 @@ def dropless_experts(x, weights, indices, ffn_counts, w_gate, w_up, w_down, *, n
   h = nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up)
   w_rows = jnp.take(jnp.where(is_ffn, weights.reshape(-1), 0.0), order)  # [T k], 0 past the FFN rows
   ys = gmm((w_rows[:, None] * h.astype(jnp.float32)).astype(x.dtype), w_down)
-  out = _permute_rows(ys, inv, order).reshape(t, k, -1).astype(jnp.float32).sum(1)
+  return _with_zero_experts(_permute_rows(ys, inv, order), x, weights, is_ffn)
+
+
+def _with_zero_experts(ys, x, weights, is_ffn):
+  """Per-(token, slot) outputs ys [T k, H] (already weighted) summed per token, plus the zero
+  experts' term: their total routing weight times the input."""
+  t, k = weights.shape
+  out = ys.reshape(t, k, -1).astype(jnp.float32).sum(1)
   w_zero = jnp.where(is_ffn.reshape(t, k), 0.0, weights).sum(-1, keepdims=True)
   return (out + w_zero * x.astype(jnp.float32)).astype(x.dtype)
 
@@ -78,13 +85,11 @@ def _few_rows(x, weights, flat, is_ffn, w_gate, w_up, w_down):
   row gathers its own expert's matrices, so only the experts the rows route to are read. (The
   grouped matmul visits every expert at least once: at batch 1 it read all of a layer's experts
   to use six.) Same sum, other association order; zero-expert slots read expert 0 at weight 0."""
-  t, k = weights.shape
+  k = weights.shape[1]
   e = jnp.where(is_ffn, flat, 0)
   xs = jnp.repeat(x, k, axis=0)                                             # [T k, H]
   mm = lambda a, w, spec: jnp.einsum(spec, a, jnp.take(w, e, axis=0).astype(x.dtype))
   h = nn.silu(mm(xs, w_gate, "rh,rhi->ri")) * mm(xs, w_up, "rh,rhi->ri")
   w_rows = jnp.where(is_ffn, weights.reshape(-1), 0.0)
   ys = mm((w_rows[:, None] * h.astype(jnp.float32)).astype(x.dtype), w_down, "ri,rih->rh")
-  out = ys.reshape(t, k, -1).astype(jnp.float32).sum(1)
-  w_zero = jnp.where(is_ffn.reshape(t, k), 0.0, weights).sum(-1, keepdims=True)
-  return (out + w_zero * x.astype(jnp.float32)).astype(x.dtype)
+  return _with_zero_experts(ys, x, weights, is_ffn)

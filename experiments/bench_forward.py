@@ -1,77 +1,95 @@
-"""Forward tokens/s: longcat_jax vs the transformers reference, same config and inputs, one run.
+"""Forward tokens/s: longcat_jax beside transformers' LongcatFlashForCausalLM, same weights and batch.
 
-    python experiments/bench_forward.py                  # hidden 512, 4 layers, 32+16 experts, top-6, 4x512
-    python experiments/bench_forward.py --batch 2 --seq 256 --repeats 3
+    python experiments/bench_forward.py                  # `small` preset, batch 4 x 512, float32, CPU
+    python experiments/bench_forward.py --preset tiny --batch 2 --seq 256 --repeats 3
 
-Both run float32 on the CPU with the same weights (the reference is converted through
-`save_pretrained` / `load_pretrained`). Prints the median of `--repeats` timed runs each.
+The forward to the logits on both sides: ours `jax.jit(model.apply)`, theirs `model(input_ids)`
+under `torch.no_grad()` on the weights ours wrote with `save_pretrained` (routing identical; the
+largest logit difference is printed). Structure as in bench_train.py (experiments/side_by_side.py):
+the reference in its own process, the two rows interleaved repeat by repeat in a seeded shuffle,
+`--gap` idle seconds before each call; medians, the spread, each repeat's ratio, CPU seconds and
+page faults per call, and the load average; no ratio on a loaded machine unless `--force`.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import shutil
+import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import longcat_jax as lj
+import side_by_side  # noqa: E402  (experiments/, beside this script)
 
 
-def bench_config(args):
-  from transformers import LongcatFlashConfig
-  return LongcatFlashConfig(
-      vocab_size=args.vocab, hidden_size=512, num_layers=4, num_attention_heads=8, ffn_hidden_size=1024,
-      q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, head_dim=32, v_head_dim=64,
-      moe_topk=6, n_routed_experts=32, zero_expert_num=16, expert_ffn_hidden_size=256)
-
-
-def median_time(fn, repeats):
-  fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="small")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=512)
-  p.add_argument("--vocab", type=int, default=32768)
   p.add_argument("--repeats", type=int, default=5)
-  args = p.parse_args()
+  p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: all cores)")
+  p.add_argument("--gap", type=float, default=1.0, help="idle seconds before each timed call")
+  p.add_argument("--force", action="store_true", help="print ratios even on a loaded machine")
+  p.add_argument("--same-malloc", action="store_true",
+                 help="the reference under longcat_jax's host-allocator settings too (side_by_side.py)")
+  args = p.parse_args(argv)
+  gate = side_by_side.LoadGate(args.force)
+  side_by_side.set_threads(args.threads)
+  args.threads = args.threads or os.cpu_count()
 
-  from transformers import LongcatFlashForCausalLM
-  torch.manual_seed(0)
-  ref = LongcatFlashForCausalLM(bench_config(args)).float().eval()
-  with tempfile.TemporaryDirectory() as d:
-    ref.save_pretrained(d)
-    model, variables = lj.load_pretrained(d)
-  ids = np.random.RandomState(0).randint(0, args.vocab, (args.batch, args.seq))
-  tokens = args.batch * args.seq
+  import jax
+  import numpy as np
+
+  import longcat_jax as lj
+  from longcat_jax import train
+  from longcat_jax.train import metrics
+
+  c = train.get_train_config(args.preset, batch_size=args.batch, seq_len=args.seq).model
+  c.dtype = c.param_dtype = "float32"
+  model = lj.LongcatForCausalLM(c)
+  variables = lj.init_variables(model, jax.random.key(0))
+  ids = np.random.RandomState(0).randint(3, c.vocab_size, (args.batch, args.seq)).astype(np.int32)
+  d = tempfile.mkdtemp()
+  lj.save_pretrained(d, model, variables)
+  np.save(os.path.join(d, "ids.npy"), ids)
+  ref = side_by_side.Reference(d, args.threads, same_malloc=args.same_malloc)
 
   fwd = jax.jit(model.apply)
-  ours = median_time(lambda: fwd(variables, ids).block_until_ready(), args.repeats)
-  tids = torch.as_tensor(ids)
+  t = time.perf_counter()
+  logits = np.asarray(fwd(variables, ids))
+  compile_s = time.perf_counter() - t
+  ref("logits")
+  diff = float(np.abs(logits - np.load(os.path.join(d, "ref_logits.npy"))).max())
+  del logits
+  ref("fwd")  # warm-up
 
-  def ref_fwd():
-    with torch.no_grad():
-      ref(tids)
+  bench = side_by_side.Bench(args.repeats, args.gap)
+  bench.ours("ours", lambda: jax.block_until_ready(fwd(variables, ids)))
+  bench.reference("ref", ref, "fwd")
+  bench.run()
+  peak_jax = metrics.device_peak_flops("float32")
+  peak_torch = ref("peak")["flops"]
+  ref.close()
+  shutil.rmtree(d, ignore_errors=True)
 
-  theirs = median_time(ref_fwd, args.repeats)
-  with torch.no_grad():
-    diff = np.abs(np.asarray(fwd(variables, ids)) - ref(tids).logits.numpy()).max()
-  print(f"config: hidden 512, 4 layers, 32 FFN + 16 zero experts, top-6, vocab {args.vocab}; "
-        f"batch {args.batch} x {args.seq}; float32 on {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
-  print(f"longcat_jax   forward: {tokens / ours:10.1f} tokens/s  (median {ours * 1e3:.1f} ms)")
-  print(f"transformers  forward: {tokens / theirs:10.1f} tokens/s  (median {theirs * 1e3:.1f} ms)")
-  print(f"ratio (ours / reference): {theirs / ours:.2f}x   max |logit diff| {diff:.2e}")
+  flops = metrics.forward_flops_per_token(c, args.seq, c.target_ffn_experts)
+  print(f"config {args.preset}: hidden {c.hidden_size}, {c.num_layers} layers, {c.num_ffn_experts} FFN + "
+        f"{c.zero_experts} zero experts, top-{c.top_k}, vocab {c.vocab_size}; batch {args.batch} x {args.seq}, "
+        f"float32, {args.threads} threads, {jax.devices()[0].platform}")
+  print(f"model FLOPs per forward token {flops / 1e6:.1f} M (at {c.target_ffn_experts} FFN experts per token); "
+        f"float32 matmul peak (best of several probes): jax {peak_jax / 1e9:.0f}, torch {peak_torch / 1e9:.0f} "
+        f"GFLOP/s; MFU against the larger")
+  print(f"compile {compile_s:.1f}s; max |logit difference| {diff:.2e}")
+  rows = [("transformers forward", "ref", "ref"), ("longcat_jax forward", "ours", "ref")]
+  print(bench.table(rows, args.batch * args.seq, gate.withheld, flops, max(peak_jax, peak_torch)))
+  if not gate.withheld:
+    per = bench.per_repeat("ref", "ours")
+    print("ratio per repeat: " + ", ".join(f"{x:.2f}x" for x in per) + f" (min {min(per):.2f}x)")
+  print(gate.footer())
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ Like for like: our full training step (the trainer's own `build(config).step`: f
 AdamW, clipping, expert-bias controller) beside transformers' forward + backward +
 `torch.optim.AdamW` step (same hyper-parameters, gradient clipping) on the same weights and batch
 (ours are written with `save_pretrained` and loaded by transformers, so routing is identical).
-The reference runs in its own process, driven call by call over a pipe and timed there, so that
-neither library's heap or thread pools sit under the other's timings. On the 2-core VM this was
-written on, a call that runs right after the other library's call is still up to ~1.3 s slower
-(either way round, with a 4 s gap too): hence the shuffled order below.
+The reference runs in its own process, driven call by call over a pipe and timed there
+(experiments/side_by_side.py says why, and why the shuffled order and the gap below).
 Forward + backward alone is timed on both sides too, and our step jitted the way the trainer did
 before `build` (no buffer donation) as an A/B row; each side trains its own copy, so every row
 runs on weights and routing of the same age (forward + backward on the current trained weights, on
@@ -36,17 +34,15 @@ change the model or its numbers (save_dots halves our scratch memory at about eq
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import side_by_side  # noqa: E402  (experiments/, beside this script)
 
 
 def main(argv=None):
@@ -58,19 +54,13 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: all cores, each side's default)")
   p.add_argument("--remat", default=None, help="our side's config.remat: none | full | save_dots | save_moe")
   p.add_argument("--force", action="store_true", help="print ratios even on a loaded machine")
-  p.add_argument("--reference-worker", help=argparse.SUPPRESS)   # internal: the transformers process
-  p.add_argument("--hyper", help=argparse.SUPPRESS)
+  p.add_argument("--same-malloc", action="store_true",
+                 help="the reference under longcat_jax's host-allocator settings too (side_by_side.py)")
   p.add_argument("--gap", type=float, default=1.0,
                  help="idle seconds before each timed call, so that one side's thread pools have gone to sleep")
   args = p.parse_args(argv)
-  if args.reference_worker:
-    return _reference_worker(args.reference_worker, args.threads, json.loads(args.hyper))
-  load_start = os.getloadavg()
-  if args.threads == 1:  # before JAX starts its CPU client
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-  elif args.threads > 1:
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" intra_op_parallelism_threads={args.threads}"
+  gate = side_by_side.LoadGate(args.force)
+  side_by_side.set_threads(args.threads)
   args.threads = args.threads or os.cpu_count()
 
   import jax
@@ -117,30 +107,18 @@ def main(argv=None):
   state_prev = step_prev(state_prev, batch)[0]            # one step, as the state above
   ffn_per_token = float(np.mean(m["ffn_experts_mean"]))
 
-  # Reference: the same weights through save_pretrained -> from_pretrained, in its own process
-  # (`_reference_worker`), so that neither library's heap or thread pools sit under the other's
-  # timings: in one process, whichever side ran right after the other was ~1.3 s slower (both ways).
+  # Reference: the same weights through save_pretrained -> from_pretrained, in its own process.
   d = tempfile.mkdtemp()
   lj.save_pretrained(d, model, {"params": params0, "expert_bias": bias0})
   np.save(os.path.join(d, "ids.npy"), ids)
   o = cfg.optimizer
-  ref = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--reference-worker", d, "--threads",
-                          str(args.threads), "--hyper", json.dumps(dict(lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                                                                        weight_decay=o.weight_decay, clip=o.grad_clip))],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-  def ask(command):
-    ref.stdin.write(command + "\n")
-    ref.stdin.flush()
-    return json.loads(ref.stdout.readline())
-
+  ref = side_by_side.Reference(d, args.threads, train=True, hyper=dict(
+      lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip=o.grad_clip),
+      same_malloc=args.same_malloc)
   ours_loss = float(fwd_bwd(params0, bias0)[0])
-  ref_loss = ask("ref_fwd_bwd")["loss"]                     # warm-up (before any update)
-  ask("ref_step")
+  ref_loss = ref("fwd_bwd")["loss"]                     # warm-up (before any update)
+  ref("step")
 
-  timings = {"ref_step": [], "ref_fwd_bwd": [], "ours_step": [], "ours_step_prev": [], "ours_fwd_bwd": []}
-  cpu = {key: [] for key in timings}
-  faults = {key: [] for key in timings}
   carry = {"state": state, "prev": state_prev}
 
   def ours_step():
@@ -154,121 +132,39 @@ def main(argv=None):
   def ours_fwd_bwd():  # on the trained weights, as the reference's fwd+bwd runs on its trained model
     jax.block_until_ready(fwd_bwd(carry["state"].params, carry["state"].expert_bias))
 
-  def timed(key, fn):
-    time.sleep(args.gap)
-    c, f, t = _cpu_seconds(), _page_faults(), time.perf_counter()
-    fn()
-    timings[key].append(time.perf_counter() - t)
-    cpu[key].append(_cpu_seconds() - c)
-    faults[key].append(_page_faults() - f)
-
-  def timed_ref(key):
-    time.sleep(args.gap)
-    r = ask(key)                      # timed inside the worker: wall, CPU and faults of the call itself
-    timings[key].append(r["wall"])
-    cpu[key].append(r["cpu"])
-    faults[key].append(r["faults"])
-
-  ref_step, ref_fwd_bwd = (lambda: timed_ref("ref_step")), (lambda: timed_ref("ref_fwd_bwd"))
-  calls = [("ref_step", ref_step), ("ours_step", ours_step), ("ref_fwd_bwd", ref_fwd_bwd),
-           ("ours_fwd_bwd", ours_fwd_bwd), ("ours_step_prev", ours_step_prev)]
-  shuffle = np.random.RandomState(0)
-  for _ in range(args.repeats):  # a new order each repeat: no row always follows the same one
-    for key, fn in [calls[i] for i in shuffle.permutation(len(calls))]:
-      fn() if key.startswith("ref_") else timed(key, fn)
+  bench = side_by_side.Bench(args.repeats, args.gap)
+  bench.reference("ref_step", ref, "step")
+  bench.ours("ours_step", ours_step)
+  bench.reference("ref_fwd_bwd", ref, "fwd_bwd")
+  bench.ours("ours_fwd_bwd", ours_fwd_bwd)
+  bench.ours("ours_step_prev", ours_step_prev)
+  bench.run()
 
   peak_jax = metrics.device_peak_flops("float32")
-  peak_torch = ask("peak")["flops"]
-  ref.stdin.close()
-  ref.wait()
+  peak_torch = ref("peak")["flops"]
+  ref.close()
   shutil.rmtree(d, ignore_errors=True)
-  peak = max(peak_jax, peak_torch)
-  tokens = args.batch * args.seq
   flops = metrics.training_flops_per_token(c, args.seq, ffn_per_token)
   print(f"config {args.preset}: hidden {c.hidden_size}, {c.num_layers} layers, {c.num_ffn_experts} FFN + "
         f"{c.zero_experts} zero experts, top-{c.top_k}, vocab {c.vocab_size}; batch {args.batch} x {args.seq}, "
         f"float32, {args.threads} threads, {jax.device_count()} JAX device(s); ours: remat {c.remat}, "
         f"kernels {c.kernels}")
   print(f"FFN experts per token {ffn_per_token:.2f}; model FLOPs per training token {flops / 1e6:.1f} M; "
-        f"float32 matmul peak: jax {peak_jax / 1e9:.0f} GFLOP/s, torch {peak_torch / 1e9:.0f} GFLOP/s")
+        f"float32 matmul peak (best of several probes): jax {peak_jax / 1e9:.0f}, torch {peak_torch / 1e9:.0f} "
+        f"GFLOP/s; MFU against the larger")
   print(f"loss on the batch: longcat_jax {ours_loss:.5f}, transformers {ref_loss:.5f}")
   print(f"compile: fwd+bwd {compile_fb:.1f}s, train step {compile_step:.1f}s")
   rows = [("transformers step (+AdamW)", "ref_step", "ref_step"), ("longcat_jax train step", "ours_step", "ref_step"),
           ("  same, previous jit", "ours_step_prev", "ref_step"),
           ("transformers fwd+bwd", "ref_fwd_bwd", "ref_fwd_bwd"), ("longcat_jax fwd+bwd", "ours_fwd_bwd", "ref_fwd_bwd")]
-  loaded = load_start[0] > 0.5 * os.cpu_count() and not args.force
-  print(f"{'':28s} {'median s':>9s} {'min-max s':>13s} {'tokens/s':>9s} {'MFU':>6s} {'vs ref':>7s} {'CPU s':>7s} {'faults':>8s}")
-  for name, key, ref_key in rows:
-    med = float(np.median(timings[key]))
-    tps = tokens / med
-    ratio = "   n/a" if loaded else f"{np.median(timings[ref_key]) / med:6.2f}x"
-    print(f"{name:28s} {med:9.3f} {min(timings[key]):6.2f}-{max(timings[key]):<6.2f} {tps:9.0f} "
-          f"{tps * flops / peak:6.1%} {ratio} {np.median(cpu[key]):7.2f} {np.median(faults[key]):8.0f}")
-  if not loaded:
-    per = [r / o for r, o in zip(timings["ref_step"], timings["ours_step"])]
-    print("full step ratio per repeat: " + ", ".join(f"{x:.2f}x" for x in per) + f" (min {min(per):.2f}x)")
-    ab = [p / o for p, o in zip(timings["ours_step_prev"], timings["ours_step"])]
-    print("A/B trainer step vs previous jit per repeat: " + ", ".join(f"{x:.2f}x" for x in ab))
-  else:
-    print(f"ratios withheld: load average {load_start[0]:.2f} at the start > {0.5 * os.cpu_count():.1f} "
-          "(half the cores); rerun on an idle machine or pass --force")
-  print("load average at start (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in load_start)
-        + "; at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
-
-
-def _reference_worker(d: str, threads: int, hyper: dict) -> None:
-  """The transformers side, one process: reads commands (ref_step, ref_fwd_bwd, peak) on stdin and
-  answers each with one JSON line (the call's wall seconds, CPU seconds, page faults, loss)."""
-  import numpy as np
-  import torch
-  from transformers import LongcatFlashForCausalLM
-
-  torch.set_num_threads(threads)
-  ref = LongcatFlashForCausalLM.from_pretrained(d, torch_dtype=torch.float32).train()
-  tids = torch.as_tensor(np.load(os.path.join(d, "ids.npy")), dtype=torch.long)
-  h = hyper
-  opt = torch.optim.AdamW(ref.parameters(), lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
-                          weight_decay=h["weight_decay"])
-
-  def fwd_bwd():
-    ref.zero_grad(set_to_none=True)
-    out = ref(input_ids=tids, labels=tids)
-    out.loss.backward()
-    return out.loss.item()
-
-  def step():
-    loss = fwd_bwd()
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), h["clip"])
-    opt.step()
-    return loss
-
-  for line in sys.stdin:
-    command = line.strip()
-    if command == "peak":
-      a = torch.ones(1024, 1024)
-      out = dict(flops=2 * 1024 ** 3 / min(_time(lambda: a @ a) for _ in range(10)))
-    else:
-      c, f, t = _cpu_seconds(), _page_faults(), time.perf_counter()
-      loss = {"ref_step": step, "ref_fwd_bwd": fwd_bwd}[command]()
-      out = dict(wall=time.perf_counter() - t, cpu=_cpu_seconds() - c, faults=_page_faults() - f, loss=loss)
-    print(json.dumps(out), flush=True)
-
-
-def _cpu_seconds() -> float:
-  """User + system CPU time of this process, all threads."""
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
-def _page_faults() -> int:
-  """Minor page faults of this process so far (fresh memory touched for the first time)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _time(fn):
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
+  print(bench.table(rows, args.batch * args.seq, gate.withheld, flops, max(peak_jax, peak_torch)))
+  if not gate.withheld:
+    fmt = lambda xs: ", ".join(f"{x:.2f}x" for x in xs) + f" (min {min(xs):.2f}x)"
+    print("full step ratio per repeat: " + fmt(bench.per_repeat("ref_step", "ours_step")))
+    print("fwd+bwd ratio per repeat: " + fmt(bench.per_repeat("ref_fwd_bwd", "ours_fwd_bwd")))
+    print("A/B trainer step vs previous jit per repeat: "
+          + ", ".join(f"{x:.2f}x" for x in bench.per_repeat("ours_step_prev", "ours_step")))
+  print(gate.footer())
 
 
 if __name__ == "__main__":

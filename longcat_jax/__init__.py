@@ -8,6 +8,7 @@
 from longcat_jax import platforms
 
 platforms.keep_cpu_without_tpu()  # libtpu installed, no TPU attached: JAX opens the CPU only
+platforms.keep_freed_host_memory()  # XLA:CPU's per-call buffers reuse freed pages (no page faults)
 
 from longcat_jax import config  # noqa: E402
 from longcat_jax import parallel

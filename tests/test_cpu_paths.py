@@ -109,3 +109,34 @@ def test_dropless_experts_against_per_token_reference(t):
       xi = x[i].astype(np.float64)
       want[i] += w[i, j] * (xi if e >= n else (silu(xi @ wg[e]) * (xi @ wu[e])) @ wd[e])
   np.testing.assert_allclose(np.asarray(got), want, rtol=F32_TOL, atol=F32_TOL * np.abs(want).max())
+
+
+_FAULTS_PER_CALL = """
+import resource, jax, jax.numpy as jnp
+import longcat_jax  # applies (or, with LONGCAT_JAX_MALLOC=system, skips) the host-allocator settings
+x = jnp.ones((4, 8, 512, 512))          # 32 MiB: above glibc's largest mmap threshold
+f = jax.jit(lambda x: jnp.exp(x) + 1.0)
+faults = []
+for _ in range(5):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(f(x))           # a fresh 32 MiB output each call, the last one freed
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc (Linux)")
+def test_freed_host_memory_is_reused_without_page_faults():
+  """platforms.keep_freed_host_memory: a call's 32 MiB output lands in pages freed by the call
+  before it, so it touches no fresh memory (8,192 page faults per call with the system allocator)."""
+  import os
+  import subprocess
+  import sys
+
+  def faults(**env):
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    return int(out.stdout.split()[-1])
+
+  assert faults() < 100
+  assert faults(LONGCAT_JAX_MALLOC="system") > 4000   # the same program, glibc's defaults: fresh pages

@@ -14,9 +14,10 @@ For each batch size B and filled context S (all inside one preallocated cache of
 beside transformers' `generate` (greedy, `do_sample=False`, its own KV cache) on the same weights
 (written with `save_pretrained`, loaded by `LongcatFlashForCausalLM`), --prompt-tokens random
 prompt tokens, --new-tokens new tokens (no EOS stop), for each batch of --batches. The reference
-runs in its own process (as in bench_train.py: the two libraries' heaps and thread pools in one
-process slow whichever runs second), repeats interleaved; reports median seconds, spread, tokens
-per second, the ratio, and how many generated tokens agree.
+runs in its own process, repeats interleaved in a seeded shuffle with --gap idle seconds before
+each (experiments/side_by_side.py, as bench_train.py); reports median seconds, spread, tokens per
+second, the ratio (withheld on a loaded machine unless --force), each repeat's ratio, CPU seconds,
+and how many generated tokens agree.
 
 Weights touched per step: all non-expert weights except the embedding (B rows), plus the distinct
 FFN experts the B tokens route to (expected count for uniform routing over the FFN experts with
@@ -27,10 +28,9 @@ compile + warm-up run. Random weights (throughput does not depend on them).
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +42,9 @@ import numpy as np
 import longcat_jax as lj
 from longcat_jax.config import dtype_of
 from longcat_jax.inference import Engine, Sampling, cache_bytes_per_token
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import side_by_side  # noqa: E402  (experiments/, beside this script)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -74,71 +77,48 @@ def step_bytes(config, batch: int, context: int) -> float:
 
 def versus_transformers(config, args) -> None:
   """Greedy `lj.generate` beside transformers' `generate`, same weights, repeats interleaved."""
+  gate = side_by_side.LoadGate(args.force)
   model = lj.LongcatForCausalLM(config)
   variables = lj.init_variables(model, jax.random.key(0))
   d = tempfile.mkdtemp()
   lj.save_pretrained(d, model, variables)
   threads = os.cpu_count() or 1
-  ref = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--reference-worker", d, "--threads",
-                          str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-  def ask(prompt, n):
-    np.save(os.path.join(d, "prompt.npy"), prompt)
-    ref.stdin.write(f"{n}\n")
-    ref.stdin.flush()
-    return json.loads(ref.stdout.readline())
+  ref = side_by_side.Reference(d, threads, same_malloc=args.same_malloc)
+  last = {}
 
   def ours(prompt, n):
-    t = time.perf_counter()
     out = lj.generate(model, variables, prompt, n, temperature=0.0, eos_token_id=())
-    return dict(wall=time.perf_counter() - t, tokens=[list(map(int, r)) for r in out.tokens])
+    last["longcat_jax"] = [list(map(int, r)) for r in out.tokens]
 
   rng = np.random.RandomState(0)
   print(f"{config.name} ({args.dtype}), greedy, prompt {args.prompt_tokens} tokens + {args.new_tokens} new; "
-        f"torch threads {threads}; load avg {os.getloadavg()[0]:.2f}")
-  print(f"{'B':>4} {'side':>13} {'seconds':>8} {'(min-max)':>13} {'new tok/s':>10} {'ratio':>6}  tokens agreeing")
+        f"torch threads {threads}")
+  print(f"{'B':>4} {'side':>13} {'seconds':>8} {'(min-max)':>13} {'new tok/s':>10} {'ratio':>6} {'CPU s':>6}  "
+        "tokens agreeing")
   for b in [int(x) for x in args.batches.split(",")]:
     prompt = rng.randint(3, config.vocab_size, (b, args.prompt_tokens)).astype(np.int32)
+    np.save(os.path.join(d, "prompt.npy"), prompt)
     ours(prompt, args.new_tokens)                 # compile + warm-up
-    ask(prompt, args.new_tokens)
-    times, last = {"transformers": [], "longcat_jax": []}, {}
-    for r in range(args.repeats):                 # interleaved, the order alternating
-      for side in (("longcat_jax", "transformers") if r % 2 == 0 else ("transformers", "longcat_jax")):
-        out = ours(prompt, args.new_tokens) if side == "longcat_jax" else ask(prompt, args.new_tokens)
-        times[side].append(out["wall"])
-        last[side] = out["tokens"]
+    ref(f"generate {args.new_tokens}")
+    bench = side_by_side.Bench(args.repeats, args.gap)
+    bench.ours("longcat_jax", lambda: ours(prompt, args.new_tokens))
+    bench.reference("transformers", ref, f"generate {args.new_tokens}", keep=lambda r: last.update(transformers=r["tokens"]))
+    bench.run()
     agree = [next((i for i, (x, y) in enumerate(zip(a, t)) if x != y), len(a))   # leading tokens equal
              for a, t in zip(last["longcat_jax"], last["transformers"])]
-    med = {k: statistics.median(v) for k, v in times.items()}
     for side in ("transformers", "longcat_jax"):
-      v = times[side]
-      ratio = med["transformers"] / med[side]
-      print(f"{b:>4} {side:>13} {med[side]:>8.2f} {f'({min(v):.2f}-{max(v):.2f})':>13} "
-            f"{b * args.new_tokens / med[side]:>10.1f} {ratio:>5.2f}x  "
+      v, med = bench.wall[side], bench.median(side)
+      ratio = "   n/a" if gate.withheld else f"{bench.median('transformers') / med:5.2f}x"
+      print(f"{b:>4} {side:>13} {med:>8.2f} {f'({min(v):.2f}-{max(v):.2f})':>13} "
+            f"{b * args.new_tokens / med:>10.1f} {ratio} {np.median(bench.cpu[side]):6.1f}  "
             + (f"first {min(agree)}-{max(agree)} of {args.new_tokens} per row" if side == "longcat_jax" else ""))
-  ref.stdin.close()
-  ref.wait()
-  print(f"(median of {args.repeats} interleaved repeats; ratio = transformers' time / this row's; load avg at end "
-        f"{os.getloadavg()[0]:.2f})")
-
-
-def _reference_worker(d: str, threads: int) -> None:
-  """The transformers side: for each line N on stdin, greedy-generates N tokens after the prompt in
-  d/prompt.npy and answers with one JSON line (wall seconds, new tokens per row)."""
-  import torch
-  from transformers import LongcatFlashForCausalLM
-
-  torch.set_num_threads(threads)
-  model = LongcatFlashForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
-  for line in sys.stdin:
-    n = int(line)
-    ids = torch.as_tensor(np.load(os.path.join(d, "prompt.npy")), dtype=torch.long)
-    t = time.perf_counter()
-    with torch.no_grad():
-      out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-    wall = time.perf_counter() - t
-    print(json.dumps(dict(wall=wall, tokens=out[:, ids.shape[1]:].tolist())), flush=True)
+    if not gate.withheld:
+      per = bench.per_repeat("transformers", "longcat_jax")
+      print(f"{'':>4} ratio per repeat: " + ", ".join(f"{x:.2f}x" for x in per) + f" (min {min(per):.2f}x)")
+  ref.close()
+  shutil.rmtree(d, ignore_errors=True)
+  print(f"(median of {args.repeats} interleaved repeats; ratio = transformers' time / this row's)")
+  print(gate.footer())
 
 
 def main():
@@ -154,11 +134,11 @@ def main():
   p.add_argument("--vs-transformers", action="store_true", help="greedy generate beside transformers' generate")
   p.add_argument("--prompt-tokens", type=int, default=512)
   p.add_argument("--new-tokens", type=int, default=256)
-  p.add_argument("--reference-worker", help=argparse.SUPPRESS)
-  p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+  p.add_argument("--gap", type=float, default=1.0, help="idle seconds before each timed generate")
+  p.add_argument("--force", action="store_true", help="print ratios even on a loaded machine")
+  p.add_argument("--same-malloc", action="store_true",
+                 help="the reference under longcat_jax's host-allocator settings too (side_by_side.py)")
   args = p.parse_args()
-  if args.reference_worker:
-    return _reference_worker(args.reference_worker, args.threads)
 
   config = lj.get_config(args.config, dtype=args.dtype, param_dtype=args.dtype)
   config.max_position_embeddings = max(config.max_position_embeddings, args.cache)

@@ -124,10 +124,13 @@ class Bench:
       self._record(key, time.perf_counter() - t, cpu_seconds() - c, page_faults() - f)
     self._row(key, call)
 
-  def reference(self, key: str, ref: Reference, command: str) -> None:
+  def reference(self, key: str, ref: Reference, command: str, keep=None) -> None:
+    """`keep(answer)`, if given, sees each answer (the generated tokens, the loss)."""
     def call():
       r = ref(command)
       self._record(key, r["wall"], r["cpu"], r["faults"])
+      if keep:
+        keep(r)
     self._row(key, call)
 
   def _record(self, key, wall, cpu, faults):

@@ -10,9 +10,10 @@ from pallas_kernels.topk_route import topk_route, topk_route_reference
 from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
 from pallas_kernels.mla_attention import mla_attention, mla_attention_reference
 from pallas_kernels.mla_decode import mla_decode_attention, mla_decode_reference
+from pallas_kernels.mqa_attention import mqa_attention, mqa_attention_reference
 # TPU (Mosaic) kernels: importing them registers them in the ops above, after the GPU kernels.
 from pallas_kernels import mla_attention_tpu, mla_decode_tpu, sparse_attention_tpu  # noqa: F401
 
 __all__ = ["Op", "current_platform", "topk_route", "topk_route_reference", "grouped_matmul",
            "grouped_matmul_reference", "mla_attention", "mla_attention_reference",
-           "mla_decode_attention", "mla_decode_reference"]
+           "mla_decode_attention", "mla_decode_reference", "mqa_attention", "mqa_attention_reference"]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from pallas_kernels.mla_attention import CHUNKED_MIN_SEQ
 from longcat_jax.config import ConfigDict, dtype_of, qk_head_dim, softmax_scale
 from longcat_jax.model import sparse_attention
 from longcat_jax.model.experts import kernel_impl
@@ -119,7 +120,7 @@ class MLA(nn.Module):
     lat, k_rope = self.latents(x, cos, sin)
     if indices is not None:
       return self._attend_sparse(x, cos, sin, lat, k_rope, indices)
-    return self._attend_expanded(x, cos, sin, lat, k_rope, segment_ids)
+    return self._attend_dense(x, cos, sin, lat, k_rope, segment_ids)
 
   def prefill(self, x, cos, sin, indices=None):
     """Like `__call__` on a fresh prompt (positions 0..S-1, right-padded), and stores the
@@ -130,7 +131,7 @@ class MLA(nn.Module):
     self.put_variable(CACHE, "k_rope", k_rope)
     if indices is not None:
       return self._attend_sparse(x, cos, sin, lat, k_rope, indices)
-    return self._attend_expanded(x, cos, sin, lat, k_rope, None)
+    return self._attend_dense(x, cos, sin, lat, k_rope, None)
 
   def decode(self, x, cos, sin, lengths, indices=None):
     """Absorbed decoding of T new tokens against the compressed cache.
@@ -166,11 +167,16 @@ class MLA(nn.Module):
     attn = jnp.einsum("bthr,rhd->bthd", out_lat, w_uv)
     return self.out_proj(self.placement.constrain(attn, ("batch", "length", "act_heads", None)))
 
-  def _attend_expanded(self, x, cos, sin, lat, k_rope, segment_ids):
+  def _attend_dense(self, x, cos, sin, lat, k_rope, segment_ids):
+    """Causal attention over every visible key: context-parallel when the sequence is split, the
+    absorbed (MQA) form on XLA:CPU (`_absorbed_on_cpu`), else expanded per-head keys and values."""
     c = self.config
     q_nope, q_rope = self.queries(x, cos, sin)
     if self.placement.length_shards(x.shape[1], x.shape[0]) > 1:
       return self._attend_context_parallel(q_nope, q_rope, lat, k_rope, segment_ids)
+    if self._absorbed_on_cpu(x.shape[1]):
+      return self._attend_absorbed(q_nope, q_rope, lat, k_rope, lambda q, k, v: pallas_kernels.mqa_attention(
+          q, k, v, segment_ids=segment_ids, sm_scale=softmax_scale(c)))
     k, v = self.expand(lat, k_rope)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     with self.placement.kernels():
@@ -179,6 +185,14 @@ class MLA(nn.Module):
                                          block_q=c.attention_block_q, block_k=c.attention_block_k)
     out = self.placement.constrain(out, ("batch", "length", "act_heads", None))
     return self.out_proj(out)
+
+  def _absorbed_on_cpu(self, seq_len: int) -> bool:
+    """Automatic kernels on XLA:CPU at the lengths its query-blocked path takes: the heads share
+    one key prefix per query block (pallas_kernels/mqa_attention.py says why that is faster there;
+    `small`, 4 x 512: forward and training step both faster). Accelerators keep the expanded form,
+    which their flash kernels are written for."""
+    return (self.config.kernels == "auto" and seq_len <= CHUNKED_MIN_SEQ
+            and pallas_kernels.current_platform() == "cpu")
 
   def _attend_context_parallel(self, q_nope, q_rope, lat, k_rope, segment_ids):
     """Context parallelism (the sequence split over mesh axes): all-gather the compressed KV

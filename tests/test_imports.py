@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Rank of each room; a module may import its own room and lower ranks only.
 RANKS = {
     "longcat_jax.presets_v2": 0,  # preset tables, filled into `config.base_config()` by config.py
+    "longcat_jax.platforms": 0,   # process start-up settings (JAX platforms, host allocator): imports only jax
     "longcat_jax.config": 1,
     "pallas_kernels": 2,
     "longcat_jax.model": 3,

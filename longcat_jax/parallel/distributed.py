@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax._src import distributed as jax_distributed  # the coordination client has no public accessor
 
+from longcat_jax import platforms
 from longcat_jax.parallel import sharding
 
 # A process that stops sending heartbeats this long is declared dead and every other process is
@@ -54,6 +55,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   if num_cpu_devices is not None:
     jax.config.update("jax_num_cpu_devices", num_cpu_devices)
+    platforms.keep_freed_host_memory(num_cpu_devices)   # its arena setting depends on the device count
   kwargs.setdefault("heartbeat_timeout_seconds", HEARTBEAT_TIMEOUT_S)
   kwargs.setdefault("shutdown_timeout_seconds", SHUTDOWN_TIMEOUT_S)
   jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,

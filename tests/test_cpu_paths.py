@@ -135,18 +135,21 @@ import longcat_jax  # applies (or, with LONGCAT_JAX_MALLOC=system, skips) the ho
 x = jnp.ones((4, 8, 512, 512))          # 32 MiB: above glibc's largest mmap threshold
 f = jax.jit(lambda x: jnp.exp(x) + 1.0)
 faults = []
-for _ in range(8):
+for _ in range(32):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(f(x))           # a fresh 32 MiB output each call, the last one freed
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[3:]))  # steady state: the first calls grow the heap
+print(*faults)
 """
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc (Linux)")
 def test_freed_host_memory_is_reused_without_page_faults():
-  """platforms.keep_freed_host_memory: a call's 32 MiB output lands in pages freed by the call
-  before it, so it touches no fresh memory (8,192 page faults per call with the system allocator)."""
+  """platforms.keep_freed_host_memory: a call's 32 MiB output lands in pages freed by an earlier
+  call, so it touches no fresh memory (8,192 page faults, one per 4 KiB page, on every call with
+  the system allocator). The heap grows for the first few calls and again now and then (small
+  allocations split a freed 32 MiB chunk; how often varies run to run): measured 20-28 of 32 (6 runs)
+  calls fault-free, so the test asks for 8."""
   import os
   import subprocess
   import sys
@@ -154,7 +157,9 @@ def test_freed_host_memory_is_reused_without_page_faults():
   def faults(**env):
     out = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
-    return int(out.stdout.split()[-1])
+    return [int(f) for f in out.stdout.split()]
 
-  assert faults() < 100
-  assert faults(LONGCAT_JAX_MALLOC="system") > 4000   # the same program, glibc's defaults: fresh pages
+  kept = faults()
+  assert sum(f < 100 for f in kept) >= 8, f"page faults per call: {kept}"
+  system = faults(LONGCAT_JAX_MALLOC="system")  # the same program, glibc's defaults: fresh pages each call
+  assert all(f > 4000 for f in system), f"page faults per call: {system}"

@@ -240,15 +240,18 @@ def make_train_step(model, config):
       fpt = jnp.moveaxis(fpt, 0, 1).reshape((fpt.shape[1], -1) + fpt.shape[3:])  # [L, B, S]
 
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    if warmup:  # warm-up: only the indexer moves (the others' zero gradients would still decay them)
-      warm = state.step < warmup
-      updates = jax.tree.map(lambda u, ind: jnp.where(warm & ~ind, jnp.zeros_like(u), u), updates,
-                             indexer_mask(updates))
-    params = optax.apply_updates(state.params, updates)
-    expert_bias = controller.update_expert_bias(state.expert_bias, aux["load"], c, state.step,
-                                                rate=config.controller.rate,
-                                                decay_steps=config.controller.decay_steps)
+
+    def update(params, opt_state, expert_bias):  # AdamW (or Muon) and the router-bias controller
+      updates, opt_state = tx.update(grads, opt_state, params)
+      if warmup:  # warm-up: only the indexer moves (the others' zero gradients would still decay them)
+        warm = state.step < warmup
+        updates = jax.tree.map(lambda u, ind: jnp.where(warm & ~ind, jnp.zeros_like(u), u), updates,
+                               indexer_mask(updates))
+      expert_bias = controller.update_expert_bias(expert_bias, aux["load"], c, state.step,
+                                                  rate=config.controller.rate,
+                                                  decay_steps=config.controller.decay_steps)
+      return optax.apply_updates(params, updates), opt_state, expert_bias
+
     ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     if state.guard is None:  # a state built without guard statistics: no spike guard
       spike, limits, guard = spike_lib.is_spike(None, objective, grad_norm, None) + (None,)
@@ -256,14 +259,17 @@ def make_train_step(model, config):
       spike, limits = spike_lib.is_spike(state.guard, objective, grad_norm, spike_cfg)
       spike = spike & ok
       guard = spike_lib.update_stats(state.guard, objective, grad_norm, ok & ~spike, spike_cfg)
+    old = (state.params, state.opt_state, state.expert_bias)
+    if config.nonfinite == "skip" or spike_lib.enabled(spike_cfg):
+      # A skipped update leaves the state as it was. A branch, not a select between the new and
+      # the old state: with the state donated, XLA:CPU copied every optimizer moment at entry to
+      # keep the old values alive for the select (68 copies, small preset).
+      apply = ~spike & (ok if config.nonfinite == "skip" else True)
+      params, opt_state, expert_bias = jax.lax.cond(apply, update, lambda *a: a, *old)
+    else:
+      params, opt_state, expert_bias = update(*old)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, expert_bias=expert_bias, rng=rng,
                      guard=guard)
-    apply = ~spike & (ok if config.nonfinite == "skip" else True)
-    if config.nonfinite == "skip" or spike_lib.enabled(spike_cfg):
-      keep = lambda n, o: jnp.where(apply, n, o)
-      new = new.replace(params=jax.tree.map(keep, new.params, state.params),
-                        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
-                        expert_bias=jax.tree.map(keep, new.expert_bias, state.expert_bias))
 
     n_loss, n_real, n_mtp_tokens, _ = norms
     token_mask = (batch["segment_ids"] > 0)

@@ -148,8 +148,8 @@ def test_freed_host_memory_is_reused_without_page_faults():
   """platforms.keep_freed_host_memory: a call's 32 MiB output lands in pages freed by an earlier
   call, so it touches no fresh memory (8,192 page faults, one per 4 KiB page, on every call with
   the system allocator). The heap grows for the first few calls and again now and then (small
-  allocations split a freed 32 MiB chunk; how often varies run to run): measured 20-28 of 32 (6 runs)
-  calls fault-free, so the test asks for 8."""
+  allocations split a freed 32 MiB chunk; how often varies run to run): 20-28 of 32 calls were
+  fault-free in 6 runs, so the test asks for 8."""
   import os
   import subprocess
   import sys

@@ -264,7 +264,7 @@ def make_train_step(model, config):
       # A skipped update leaves the state as it was. A branch, not a select between the new and
       # the old state: with the state donated, XLA:CPU copied every optimizer moment at entry to
       # keep the old values alive for the select (68 copies, small preset).
-      apply = ~spike & (ok if config.nonfinite == "skip" else True)
+      apply = ~spike & ok if config.nonfinite == "skip" else ~spike
       params, opt_state, expert_bias = jax.lax.cond(apply, update, lambda *a: a, *old)
     else:
       params, opt_state, expert_bias = update(*old)

@@ -69,22 +69,24 @@ def _nll_sum(hidden, unembed, targets, weights, chunk_tokens):
 
 def _nll_sum_fwd(hidden, unembed, targets, weights, chunk_tokens):
   # The gradient is computed chunk by chunk in the forward pass (logits never stored, never
-  # recomputed): d/dh = dlogits @ W^T, d/dW = sum_chunks h^T dlogits.
+  # recomputed): d/dh = dlogits @ W^T, d/dW = sum_chunks h^T dlogits, accumulated transposed
+  # ([V, H] += dlogits^T h, one transpose at the end): on XLA:CPU the [H, V] accumulation ran at
+  # 71 GFLOP/s against 90 (`small`'s 4 x 512 x 32768 loss and gradient 2.89 -> 2.30 s).
   h, t, w, n = _chunks(hidden, targets, weights, chunk_tokens)
   w_out = unembed.astype(hidden.dtype)
 
   def body(carry, xs):
-    total, dw = carry
+    total, dw_t = carry
     nll, dlogits = _chunk_stats(xs[0], w_out, xs[1], xs[2])
     dl = dlogits.astype(hidden.dtype)
     dh = jnp.dot(dl, w_out.T, preferred_element_type=jnp.float32)
-    dw = dw + jnp.dot(xs[0].T, dl, preferred_element_type=jnp.float32)
-    return (total + nll, dw), dh
+    dw_t = dw_t + jnp.dot(dl.T, xs[0], preferred_element_type=jnp.float32)
+    return (total + nll, dw_t), dh
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros(unembed.shape, jnp.float32))
-  (total, dw), dh = jax.lax.scan(body, init, (h, t, w))
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(unembed.shape[::-1], jnp.float32))
+  (total, dw_t), dh = jax.lax.scan(body, init, (h, t, w))
   dh = dh.reshape(-1, hidden.shape[-1])[:n].reshape(hidden.shape)
-  return total, (dh.astype(hidden.dtype), dw.astype(unembed.dtype), targets, weights)
+  return total, (dh.astype(hidden.dtype), dw_t.T.astype(unembed.dtype), targets, weights)
 
 
 def _nll_sum_bwd(chunk_tokens, res, g):

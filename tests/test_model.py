@@ -258,7 +258,7 @@ def test_zero_experts_are_identity():
 
 
 def _lowered_text(num_layers):
-  cfg = lj.get_config("tiny", num_layers=num_layers)
+  cfg = lj.get_config("tiny", num_layers=num_layers, scan_unroll=1)
   model = lj.LongcatForCausalLM(cfg)
   variables = jax.eval_shape(lambda: lj.init_variables(model, jax.random.key(0)))
   ids = jax.ShapeDtypeStruct((2, 32), jnp.int32)
@@ -271,3 +271,15 @@ def test_program_size_flat_in_depth():
   p2, p8 = _lowered_text(2), _lowered_text(8)
   assert "stablehlo.while" in p8
   assert len(p8) < 1.05 * len(p2), f"program for 8 layers {len(p8)} chars vs 2 layers {len(p2)}: the scan is not working"
+
+
+def test_unrolled_layers_compute_what_the_scan_computes():
+  """`scan_unroll` changes how the layers run, not what they compute: same (stacked) parameters,
+  same logits as one layer per loop iteration; the unrolled program holds a body per layer."""
+  cfg = lj.get_config("tiny", num_layers=3, scan_unroll=1)
+  ids = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 16)))
+  variables = lj.init_variables(lj.LongcatForCausalLM(cfg), jax.random.key(0))
+  scan, unrolled = [jax.jit(lj.LongcatForCausalLM(lj.get_config("tiny", num_layers=3, scan_unroll=u)).apply)
+                    for u in (1, 3)]
+  assert len(scan.lower(variables, ids).as_text()) < len(unrolled.lower(variables, ids).as_text())
+  np.testing.assert_allclose(scan(variables, ids), unrolled(variables, ids), rtol=1e-5, atol=1e-5)

@@ -41,8 +41,8 @@ from longcat_jax.train.step import state_from_params
 HF_PREFIX = "hf:"
 # Model fields a fine-tune may set differently from the checkpoint: they change numerics or
 # execution, not the weights' shapes or the function the weights compute.
-OVERRIDABLE = ("name", "dtype", "param_dtype", "remat", "kernels", "attention_block_q", "attention_block_k",
-               "moe_block_size", "target_ffn_experts", "initializer_range")
+OVERRIDABLE = ("name", "dtype", "param_dtype", "remat", "scan_unroll", "kernels", "attention_block_q",
+               "attention_block_k", "moe_block_size", "target_ffn_experts", "initializer_range")
 # Files of a checkpoint directory that travel with a run (everything but the weights).
 ORIGIN_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",

@@ -90,8 +90,8 @@ def main(argv=None):
     per = bench.per_repeat("ref", "ours")
     print("ratio per repeat: " + ", ".join(f"{x:.2f}x" for x in per) + f" (min {min(per):.2f}x)")
     floor = flops * args.batch * args.seq / max(peak_jax, peak_torch)   # as bench_train.py's ceiling
-    print(f"ceiling: the model FLOPs alone at the matmul peak take {floor:.2f}s, so no implementation "
-          f"here can run the forward faster than {bench.median('ref') / floor:.2f}x the reference's")
+    print(f"ceiling: the model FLOPs alone at the best matmul rate either library reaches take {floor:.2f}s, "
+          f"so an implementation built on these matmuls cannot run the forward faster than {bench.median('ref') / floor:.2f}x the reference's")
   print(gate.footer())
 
 

@@ -19,7 +19,7 @@ libraries' thread pools spin for a while after work), and report medians, the sp
 repeat's full-step ratio; MFU is model FLOPs
 (`train.metrics`, the same count for both) over the best of several float32 matmul probes of
 either library; the ceiling line divides the reference's median by the time those FLOPs take at
-that peak, the largest ratio any implementation could print on this machine. The ratio is not printed when the 1-minute load average at the start exceeds half
+that peak, the largest ratio an implementation built on these matmuls could print on this machine. The ratio is not printed when the 1-minute load average at the start exceeds half
 the cores (a loaded machine measures contention), unless `--force`.
 
 Each row also gives the process CPU time per call (user + sys, median) and its minor page faults
@@ -164,11 +164,11 @@ def main(argv=None):
     print("full step ratio per repeat: " + fmt(bench.per_repeat("ref_step", "ours_step")))
     print("fwd+bwd ratio per repeat: " + fmt(bench.per_repeat("ref_fwd_bwd", "ours_fwd_bwd")))
     # The ceiling: the model's matrix multiplies alone, at the better library's best matmul probe,
-    # take `floor` seconds; no implementation on this machine can beat the reference by more than
+    # take `floor` seconds; nothing built on these matmuls can beat the reference by more than
     # its median over that (a reference at 45% MFU caps every ratio at 2.2x).
     floor = flops * args.batch * args.seq / max(peak_jax, peak_torch)
-    print(f"ceiling: the model FLOPs alone at the matmul peak take {floor:.2f}s, so no implementation "
-          f"here can run fwd+bwd faster than {bench.median('ref_fwd_bwd') / floor:.2f}x the reference's "
+    print(f"ceiling: the model FLOPs alone at the best matmul rate either library reaches take {floor:.2f}s, "
+          f"so an implementation built on these matmuls cannot run fwd+bwd faster than {bench.median('ref_fwd_bwd') / floor:.2f}x the reference's "
           f"(full step: {bench.median('ref_step') / floor:.2f}x, before the optimizer's own cost)")
     print("A/B trainer step vs previous jit per repeat: "
           + ", ".join(f"{x:.2f}x" for x in bench.per_repeat("ours_step_prev", "ours_step")))

@@ -36,6 +36,7 @@ sees `expert_bias`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -138,6 +139,10 @@ def make_loss_fn(model, config):
   n_mtp = c.mtp_num_heads
   kl_on = trains_indexer(config)
   mtp_kl_on = kl_on and bool(c.mtp_num_heads) and bool(c.mtp_shared_module)
+  # The unembedding gradient's transpose in row tiles where XLA:CPU runs it on one device
+  # (`losses.transpose_2d`; on a mesh the vocabulary axis may be sharded).
+  tile = 256 if not model.placement.distributed and jax.default_backend() == "cpu" else 0
+  nll = functools.partial(losses.next_token_nll, chunk_tokens=lc.chunk_tokens or None, transpose_tile=tile)
 
   def loss_fn(params, expert_bias, mb, norms, rng):
     n_loss, n_real, n_mtp_tokens, n_micro = norms
@@ -146,8 +151,7 @@ def make_loss_fn(model, config):
                               mutable=[EXPERT_LOAD, "intermediates"] + ([INDEXER_KL] if kl_on else []),
                               rngs={"dropout": rng})
     unembed = params["embed_tokens"].T if c.tie_word_embeddings else params["lm_head"]
-    nll_sum, _ = losses.next_token_nll(hidden, unembed, mb["targets"], mb["loss_mask"],
-                                       chunk_tokens=lc.chunk_tokens or None)
+    nll_sum, _ = nll(hidden, unembed, mb["targets"], mb["loss_mask"])
     inter = out["intermediates"]
     token_mask = mb["segment_ids"] > 0
     z_sum = losses.hidden_z_loss_sum(_find(inter, "last_hidden"), token_mask)
@@ -167,9 +171,7 @@ def make_loss_fn(model, config):
         mtp_h, mtp_out = mtp_h
         objective = objective + lc.indexer_kl_weight * jnp.mean(_find(mtp_out[INDEXER_KL], "mtp_kl")) / n_micro
       targets, weights = losses.mtp_targets(mb["input_ids"], mb["loss_mask"], n_mtp)
-      mtp_sums = jnp.stack([losses.next_token_nll(mtp_h[k], unembed, targets[k], weights[k],
-                                                  chunk_tokens=lc.chunk_tokens or None)[0]
-                            for k in range(n_mtp)])
+      mtp_sums = jnp.stack([nll(mtp_h[k], unembed, targets[k], weights[k])[0] for k in range(n_mtp)])
       objective = objective + lc.mtp_loss_weight * jnp.mean(mtp_sums / jnp.maximum(n_mtp_tokens, 1.0))
     fpt = _find(inter, "ffn_experts_per_token")
     aux = dict(nll_sum=nll_sum, z_sum=z_sum, balance=lb / n_micro, mtp_sums=mtp_sums, load=load, fpt=fpt)

@@ -140,8 +140,10 @@ def make_loss_fn(model, config):
   kl_on = trains_indexer(config)
   mtp_kl_on = kl_on and bool(c.mtp_num_heads) and bool(c.mtp_shared_module)
   # The unembedding gradient's transpose in row tiles where XLA:CPU runs it on one device
-  # (`losses.transpose_2d`; on a mesh the vocabulary axis may be sharded).
-  tile = 256 if not model.placement.distributed and jax.default_backend() == "cpu" else 0
+  # (`losses.transpose_2d`; on a mesh the vocabulary axis may be sharded). Not with tied
+  # embeddings: there the gradient is transposed back, and XLA cancels the two plain transposes.
+  on_one_cpu = not model.placement.distributed and jax.default_backend() == "cpu"
+  tile = 256 if on_one_cpu and not c.tie_word_embeddings else 0
   nll = functools.partial(losses.next_token_nll, chunk_tokens=lc.chunk_tokens or None, transpose_tile=tile)
 
   def loss_fn(params, expert_bias, mb, norms, rng):
